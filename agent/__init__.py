@@ -1,0 +1,3 @@
+"""edge-upgrade-agent: upgrades KubeEdge edge nodes safely."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,241 @@
+"""Command line: ``edge-upgrade-agent [--config F] [--root D] [--output json] CMD``.
+
+Exit codes (docs/operations.md):
+  0  success, skipped (already at target), dry-run GO
+  1  the job failed; the node is untouched or was rolled back
+  2  usage, configuration or invalid command
+  3  rollback failed: the node needs an operator
+  4  busy: another job or keadm holds the lock
+  5  refused by precheck or policy; dry-run NO-GO
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import DEFAULT_CONFIG, Config, load_config
+from agent.daemon import run_daemon
+from agent.errors import AgentError
+from agent.execute import execute, rehearse
+from agent.journal import Job
+from agent.logs import setup_logging
+from agent.messages.commands import Operation, build_command, new_job_name
+from agent.node import Node, build_node
+from agent.plan import GO, SKIP, make_plan
+from agent.runner import Runner
+from agent.states import Action, State
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ROLLBACK_FAILED, EXIT_BUSY, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
+
+
+def job_exit_code(job: Job) -> int:
+    if job.state in (State.SUCCEEDED, State.SKIPPED, State.AWAITING_CONFIRMATION):
+        return EXIT_OK
+    if job.state == State.ROLLED_BACK:
+        return EXIT_OK if job.command.operation == Operation.ROLLBACK else EXIT_FAILED
+    if job.state == State.ROLLBACK_FAILED:
+        return EXIT_ROLLBACK_FAILED
+    if job.state == State.REJECTED:
+        return EXIT_USAGE
+    if job.command.dry_run or (job.actions and job.actions[-1].action == Action.CHECK):
+        return EXIT_REFUSED
+    return EXIT_FAILED
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    return {
+        "jobKey": job.key,
+        "operation": job.command.operation.value,
+        "state": job.state.value,
+        "reason": job.reason,
+        "fromVersion": job.from_version,
+        "toVersion": str(job.command.version) if job.command.version else None,
+        "rehearsal": job.command.dry_run,
+        "actionFlow": [a.to_dict() for a in job.actions],
+        "createdAt": job.created_at,
+        "updatedAt": job.updated_at,
+    }
+
+
+class Output:
+    def __init__(self, fmt: str) -> None:
+        self.json = fmt == "json"
+
+    def emit(self, data: dict[str, Any], text: str) -> None:
+        if self.json:
+            print(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            print(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-upgrade-agent", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="agent YAML config")
+    p.add_argument("--root", type=Path, help="directory standing in for / (overrides paths.root)")
+    p.add_argument("--output", choices=("text", "json"), default="text")
+    p.add_argument("--version", action="version", version=f"edge-upgrade-agent {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("run", help="the daemon: wait for commands, run jobs, send reports")
+    up = sub.add_parser("upgrade", help="upgrade edgecore on this node")
+    up.add_argument("--to-version", required=True)
+    up.add_argument("--image", help="installation-package repository (tag follows the version)")
+    up.add_argument("--image-digest")
+    up.add_argument("--timeout", type=int, help="installer timeout in seconds")
+    up.add_argument("--check-items", default="", help="comma list of cpu,mem,disk")
+    up.add_argument("--upgrade-tool", default="", help="a configured custom installer")
+    up.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    up.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    rb = sub.add_parser("rollback", help="restore a backup (the newest by default)")
+    rb.add_argument("--to-version")
+    rb.add_argument("--yes", action="store_true")
+    ck = sub.add_parser("check", help="run the prechecks and print the plan, changing nothing")
+    ck.add_argument("--to-version")
+    ck.add_argument("--image")
+    ck.add_argument("--check-items", default="cpu,mem,disk")
+    sub.add_parser("status", help="edgecore version, service, current job, locks")
+    hi = sub.add_parser("history", help="past jobs")
+    hi.add_argument("--limit", type=int, default=20)
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_cmd", required=True)
+    val = cfg_sub.add_parser("validate", help="check a config file")
+    val.add_argument("file", nargs="?", type=Path)
+    return p
+
+
+def _confirm(args: argparse.Namespace, what: str) -> None:
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise AgentError(f"refusing to {what} without --yes (no terminal to ask on)")
+    if input(f"{what}? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise AgentError("cancelled by the operator")
+
+
+async def _upgrade(node: Node, args: argparse.Namespace, out: Output) -> int:
+    items = [i for i in args.check_items.split(",") if i]
+    cmd = build_command(
+        node.config, operation=Operation.UPGRADE, job_name=new_job_name(),
+        version=args.to_version, image=args.image, image_digest=args.image_digest,
+        timeout_seconds=args.timeout, check_items=items, upgrade_tool=args.upgrade_tool,
+        dry_run=args.dry_run,
+    )
+    if args.dry_run:
+        job, plan = await rehearse(node, cmd)
+        lines = [f"Plan for {plan.from_version} -> {plan.to_version}"]
+        lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in plan.checks]
+        lines += ["Steps:"] + [f"  {i}. {s}" for i, s in enumerate(plan.steps, 1)]
+        lines += [f"Installer argv: {json.dumps(list(plan.argv))}",
+                  f"Backup {plan.backup_bytes} bytes; free {plan.free_bytes}, "
+                  f"needed {plan.needed_bytes}",
+                  "Paths touched:"] + [f"  {k}: {v}" for k, v in plan.paths.items()]
+        lines.append(f"Verdict: {plan.verdict} ({plan.reason})")
+        out.emit({"job": job_dict(job), "plan": plan.to_dict()}, "\n".join(lines))
+        return job_exit_code(job)
+    _confirm(args, f"upgrade edgecore on {node.config.node_name} to {args.to_version}")
+    job = await execute(node, Runner(node), cmd)
+    out.emit({"job": job_dict(job)}, f"{job.state.value}: {job.reason}")
+    return job_exit_code(job)
+
+
+async def _rollback(node: Node, args: argparse.Namespace, out: Output) -> int:
+    cmd = build_command(node.config, operation=Operation.ROLLBACK,
+                        job_name=new_job_name("rollback"), version=args.to_version)
+    _confirm(args, f"roll back edgecore on {node.config.node_name}")
+    job = await execute(node, Runner(node), cmd)
+    out.emit({"job": job_dict(job)}, f"{job.state.value}: {job.reason}")
+    return job_exit_code(job)
+
+
+async def _check(node: Node, args: argparse.Namespace, out: Output) -> int:
+    version = args.to_version
+    if version is None:
+        detected = await node.probe.detect()
+        version = str(detected.version) if detected else "v0.0.0"
+    cmd = build_command(node.config, operation=Operation.CHECK, job_name=new_job_name("check"),
+                        version=version, image=args.image,
+                        check_items=[i for i in args.check_items.split(",") if i])
+    plan = await make_plan(node, cmd)
+    text = "\n".join([f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in plan.checks]
+                     + [f"Verdict: {plan.verdict} ({plan.reason})"])
+    out.emit(plan.to_dict(), text)
+    ok = plan.verdict == GO or (plan.verdict == SKIP and args.to_version is None)
+    return EXIT_OK if ok or plan.verdict == SKIP else EXIT_REFUSED
+
+
+async def _status(node: Node, out: Output) -> int:
+    detected = await node.probe.detect()
+    svc = await node.service.status()
+    active = node.journal.jobs(active_only=True)
+    data = {
+        "nodeName": node.config.node_name,
+        "edgecoreVersion": str(detected.version) if detected else None,
+        "versionSource": detected.source if detected else None,
+        "service": {"active": svc.active, "state": svc.state, "nRestarts": svc.n_restarts,
+                    "mainPID": svc.main_pid},
+        "activeJobs": [job_dict(j) for j in active],
+        "lockHeld": node.lock.held_by_other(),
+        "keadmMarker": node.keadm_marker.exists(),
+        "pendingReports": len(node.journal.outbox(limit=10000)),
+        "backups": sorted(d.name for d in node.backup_root.glob("*/manifest.json")
+                          for d in [d.parent]) if node.backup_root.is_dir() else [],
+    }
+    text = "\n".join(f"{k}: {v}" for k, v in data.items())
+    out.emit(data, text)
+    return EXIT_OK
+
+
+def _history(node: Node, args: argparse.Namespace, out: Output) -> int:
+    jobs = node.journal.jobs(limit=args.limit)
+    lines = [f"{j.key:40} {j.command.operation.value:8} {j.state.value:16} "
+             f"{j.from_version or '-'} -> {j.command.version or '-'}  {j.reason[:80]}"
+             for j in jobs]
+    out.emit({"jobs": [job_dict(j) for j in jobs]}, "\n".join(lines) or "no jobs")
+    return EXIT_OK
+
+
+def load(args: argparse.Namespace, path: Path | None = None) -> Config:
+    return load_config(path or args.config, args.root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = Output(args.output)
+    try:
+        if args.cmd == "config":
+            config = load(args, args.file)
+            out.emit({"valid": True, "nodeName": config.node_name},
+                     f"{args.file or args.config}: valid (node {config.node_name})")
+            return EXIT_OK
+        config = load(args)
+        setup_logging(config.log_level)
+        if args.cmd == "run":
+            return asyncio.run(run_daemon(config))
+        node = build_node(config)
+        try:
+            if args.cmd == "upgrade":
+                return asyncio.run(_upgrade(node, args, out))
+            if args.cmd == "rollback":
+                return asyncio.run(_rollback(node, args, out))
+            if args.cmd == "check":
+                return asyncio.run(_check(node, args, out))
+            if args.cmd == "status":
+                return asyncio.run(_status(node, out))
+            return _history(node, args, out)
+        finally:
+            node.close()
+    except AgentError as exc:
+        out.emit({"error": exc.reason, "errorType": type(exc).__name__},
+                 f"error: {exc.reason}")
+        return exc.exit_code if type(exc) is not AgentError else EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

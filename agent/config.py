@@ -1,0 +1,297 @@
+"""The agent's configuration: one YAML file parsed once into frozen dataclasses.
+
+Every error names the key (``policy.max_minor_skip``) and the problem. Node
+paths are absolute as on a real host; ``paths.root`` (or ``--root``) prefixes
+all of them so a sandbox directory can stand in for ``/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.errors import ConfigError, InvalidCommand
+from agent.versions import NAME_RE, VersionPolicy, parse_image
+
+DEFAULT_CONFIG = Path("/etc/edge-upgrade-agent/agent.yaml")
+CHECK_ITEMS = ("cpu", "mem", "disk")
+PLACEHOLDERS = frozenset(
+    {"keadm", "from_version", "to_version", "image", "config", "upgrade_id", "history_id"}
+)
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path("/")
+    edgecore_binary: str = "/usr/local/bin/edgecore"
+    edgecore_config: str = "/etc/kubeedge/config/edgecore.yaml"
+    edgecore_db: str | None = None  # None: database.dataSource from edgecore.yaml
+    backup_dir: str = "/etc/kubeedge/backup"
+    keadm_lock: str = "/etc/kubeedge/idempotency_record"
+    state_dir: str = "/var/lib/edge-upgrade-agent"
+    run_dir: str = "/run"
+
+    def node(self, path: str) -> Path:
+        """Map an absolute node path into the (possibly sandboxed) root."""
+        return self.root / path.lstrip("/")
+
+
+@dataclass(frozen=True)
+class Precheck:
+    cpu_max_percent: float = 80.0
+    mem_max_percent: float = 80.0
+    disk_max_percent: float = 80.0
+    reserve_bytes: int = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Health:
+    grace_seconds: float = 30.0
+    start_timeout_seconds: float = 60.0
+    poll_interval_seconds: float = 1.0
+    metaserver_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Images:
+    backend: str = "local"
+    default_repo: str = "kubeedge/installation-package"
+    local_dir: str = "/var/lib/edge-upgrade-agent/images"
+
+
+@dataclass(frozen=True)
+class Transport:
+    kind: str = "spool"
+    spool_dir: str | None = None  # None: <state_dir>/spool
+    outbox_dir: str | None = None  # None: <state_dir>/reports
+    max_message_bytes: int = 64 * 1024
+    poll_interval_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str
+    paths: Paths = field(default_factory=Paths)
+    service_manager: str = "systemd"
+    edgecore_unit: str = "edgecore.service"
+    policy: VersionPolicy = field(default_factory=VersionPolicy)
+    default_timeout_seconds: int = 300
+    max_state_entries: int = 5
+    keep_backups: int = 3
+    precheck: Precheck = field(default_factory=Precheck)
+    health: Health = field(default_factory=Health)
+    images: Images = field(default_factory=Images)
+    installers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    transport: Transport = field(default_factory=Transport)
+    log_level: str = "info"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.paths.node(self.paths.state_dir)
+
+    def installer(self, name: str) -> tuple[str, ...] | None:
+        return dict(self.installers).get(name)
+
+    def with_root(self, root: Path) -> Config:
+        return replace(self, paths=replace(self.paths, root=root.resolve()))
+
+
+class _Section:
+    """Typed access to one mapping of the YAML document, naming keys in errors."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'config'}: expected a mapping")
+        self.data: dict[str, Any] = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(name)
+        value = self.data.get(name, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise ConfigError(f"{self.key(name)}: expected {names}, got {value!r}")
+        return value
+
+    def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        value = float(self.get(name, (int, float), default))
+        if not lo <= value <= hi:
+            raise ConfigError(f"{self.key(name)}: {value:g} is outside {lo:g}..{hi:g}")
+        return value
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        value = str(self.get(name, str, default))
+        if value not in options:
+            raise ConfigError(f"{self.key(name)}: {value!r} is not one of {', '.join(options)}")
+        return value
+
+    def path(self, name: str, default: str | None) -> Any:
+        value = self.get(name, str, default)
+        if value is not None and not value.startswith("/"):
+            raise ConfigError(f"{self.key(name)}: {value!r} must be an absolute path")
+        return value
+
+    def section(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.data.get(name), self.key(name))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def parse_config(data: Any) -> Config:
+    top = _Section(data, "")
+    node_name = top.get("node_name", str, None)
+    if node_name is None:
+        node_name = os.uname().nodename.lower()
+    if not NAME_RE.match(node_name):
+        raise ConfigError(f"node_name: {node_name!r} is not a DNS-1123 name")
+
+    p = top.section("paths")
+    paths = Paths(
+        root=Path(p.get("root", str, "/")),
+        edgecore_binary=p.path("edgecore_binary", Paths.edgecore_binary),
+        edgecore_config=p.path("edgecore_config", Paths.edgecore_config),
+        edgecore_db=p.path("edgecore_db", None),
+        backup_dir=p.path("backup_dir", Paths.backup_dir),
+        keadm_lock=p.path("keadm_lock", Paths.keadm_lock),
+        state_dir=p.path("state_dir", Paths.state_dir),
+        run_dir=p.path("run_dir", Paths.run_dir),
+    )
+    p.done()
+
+    s = top.section("service")
+    manager = s.choice("manager", "systemd", ("systemd", "process"))
+    unit = s.get("unit", str, "edgecore.service")
+    s.done()
+
+    pol = top.section("policy")
+    max_skip = pol.get("max_minor_skip", int, None)
+    if max_skip is not None and max_skip < 0:
+        raise ConfigError("policy.max_minor_skip: must be 0 or more")
+    policy = VersionPolicy(pol.get("allow_downgrade", bool, False), max_skip)
+    timeout = int(pol.number("default_timeout_seconds", 300, 1, 86400))
+    max_entries = int(pol.number("max_state_entries", 5, 1, 100))
+    pol.done()
+
+    pc = top.section("precheck")
+    precheck = Precheck(
+        pc.number("cpu_max_percent", 80, 0, 100),
+        pc.number("mem_max_percent", 80, 0, 100),
+        pc.number("disk_max_percent", 80, 0, 100),
+        int(pc.number("reserve_bytes", Precheck.reserve_bytes, 0, 2**50)),
+    )
+    pc.done()
+
+    h = top.section("health")
+    health = Health(
+        h.number("grace_seconds", 30, 0, 3600),
+        h.number("start_timeout_seconds", 60, 0, 3600),
+        h.number("poll_interval_seconds", 1, 0.05, 60),
+        h.get("metaserver_url", str, None),
+    )
+    h.done()
+
+    b = top.section("backup")
+    keep = int(b.number("keep", 3, 1, 100))
+    b.done()
+
+    im = top.section("images")
+    images = Images(
+        im.choice("backend", "local", ("local", "docker")),
+        im.get("default_repo", str, Images.default_repo),
+        im.path("local_dir", Images.local_dir),
+    )
+    try:
+        parse_image(images.default_repo)
+    except InvalidCommand as exc:
+        raise ConfigError(f"images.default_repo: {exc.reason}") from None
+    im.done()
+
+    ins = top.section("installers")
+    installers = tuple((name, _installer(ins, name)) for name in sorted(ins.data))
+    ins.done()
+
+    t = top.section("transport")
+    transport = Transport(
+        t.choice("kind", "spool", ("spool",)),
+        t.path("spool_dir", None),
+        t.path("outbox_dir", None),
+        int(t.number("max_message_bytes", 64 * 1024, 256, 16 * 1024 * 1024)),
+        t.number("poll_interval_seconds", 0.5, 0.01, 60),
+    )
+    t.done()
+
+    lg = top.section("logging")
+    level = lg.choice("level", "info", ("debug", "info", "warning", "error"))
+    lg.done()
+    top.done()
+    return Config(
+        node_name=node_name,
+        paths=paths,
+        service_manager=manager,
+        edgecore_unit=unit,
+        policy=policy,
+        default_timeout_seconds=timeout,
+        max_state_entries=max_entries,
+        keep_backups=keep,
+        precheck=precheck,
+        health=health,
+        images=images,
+        installers=installers,
+        transport=transport,
+        log_level=level,
+    )
+
+
+def _installer(section: _Section, name: str) -> tuple[str, ...]:
+    argv = section.get(name, list, None)
+    where = section.key(name)
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{where}: installer names are DNS-1123 names")
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise ConfigError(f"{where}: expected a non-empty list of strings (an argv template)")
+    if not argv[0].startswith(("/", "{keadm}")):
+        raise ConfigError(f"{where}: the program must be an absolute path or {{keadm}}")
+    for arg in argv:
+        for part in arg.split("{")[1:]:
+            placeholder = part.split("}", 1)[0]
+            if placeholder not in PLACEHOLDERS:
+                raise ConfigError(
+                    f"{where}: unknown placeholder {{{placeholder}}}; "
+                    f"known: {', '.join(sorted(PLACEHOLDERS))}"
+                )
+    return tuple(argv)
+
+
+def load_config(path: Path, root: Path | None = None) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    config = parse_config(data)
+    if root is not None:
+        config = config.with_root(root)
+    elif not config.paths.root.is_absolute():
+        config = config.with_root(path.parent / config.paths.root)
+    return config

@@ -1,0 +1,165 @@
+"""The long-running service: intake, job worker, reporter and watchdog.
+
+READY=1 is sent once the config is loaded and crash recovery is done, not
+when a broker answers: an offline node must still start and roll back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.config import Config
+from agent.errors import AgentError, Busy, InvalidCommand
+from agent.messages.commands import Command, Operation, parse_envelope, peek_job_name
+from agent.messages.reports import build_report
+from agent.node import Node, build_node
+from agent.runner import Runner
+from agent.systemd_notify import sd_notify, watchdog_interval
+from agent.transport.base import Inbound, Transport
+from agent.transport.spool import SpoolTransport
+from agent.versions import ImageRef
+
+log = structlog.get_logger("agent.daemon")
+BUSY_RETRY_SECONDS = 2.0
+
+
+class Daemon:
+    def __init__(self, node: Node, transport: Transport) -> None:
+        self.node = node
+        self.runner = Runner(node)
+        self.transport = transport
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.reports_pending = asyncio.Event()
+
+    async def intake(self) -> None:
+        async for msg in self.transport.commands():
+            self.accept(msg)
+            # The command is journalled (or its rejection is), so it may leave the transport.
+            await msg.ack()
+
+    def accept(self, msg: Inbound) -> None:
+        """Parse, validate, dedupe and journal one command; never raises."""
+        try:
+            cmd = parse_envelope(msg.payload, self.node.config, msg.source)
+        except InvalidCommand as exc:
+            self._reject(msg, exc.reason)
+            return
+        job, new = self.runner.submit(cmd)
+        if new:
+            self.queue.put_nowait(job.key)
+        elif job.terminal:
+            # A duplicate of a finished job re-sends its final report.
+            self.node.journal.save(replace(job, seq=job.seq + 1), build_report(
+                replace(job, seq=job.seq + 1)))
+        else:
+            log.info("duplicate command ignored while its job runs", job=job.key)
+        self.reports_pending.set()
+
+    def _reject(self, msg: Inbound, reason: str) -> None:
+        name = peek_job_name(msg.payload)
+        log.warning("command rejected", source=msg.source, reason=reason, job=name)
+        if name is None or self.node.journal.get(f"rejected-{name}") is not None:
+            return
+        cmd = Command(Operation.UPGRADE, f"rejected-{name}", self.node.config.node_name, None,
+                      ImageRef(self.node.config.images.default_repo), source=msg.source)
+        self.runner.reject(cmd, reason)
+        self.reports_pending.set()
+
+    async def worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            job = self.node.journal.get(key)
+            if job is None or job.terminal:
+                continue
+            try:
+                with self.node.lock:
+                    await self.runner.run(job)
+            except Busy as exc:
+                log.info("waiting for the lock", job=key, reason=exc.reason)
+                await asyncio.sleep(BUSY_RETRY_SECONDS)
+                self.queue.put_nowait(key)
+            self.reports_pending.set()
+
+    async def reporter(self) -> None:
+        while True:
+            for outbox_id, report in self.node.journal.outbox():
+                try:
+                    await self.transport.publish(report)
+                except (OSError, AgentError) as exc:
+                    log.warning("report delivery failed; will retry", error=str(exc))
+                    await asyncio.sleep(1)
+                    break
+                self.node.journal.ack(outbox_id)
+            else:
+                self.reports_pending.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.reports_pending.wait(), 5)
+
+    async def watchdog(self, interval: float) -> None:
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def recover(self) -> None:
+        with self.node.lock:
+            for job in self.runner.recover():
+                self.queue.put_nowait(job.key)
+
+
+async def _supervise(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run until the first task ends; cancel the rest (a 3.10-compatible TaskGroup)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            t.result()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_daemon(config: Config) -> int:
+    node = build_node(config)
+    spool = config.transport
+    transport = SpoolTransport(
+        config.paths.node(spool.spool_dir) if spool.spool_dir else config.state_dir / "spool",
+        config.paths.node(spool.outbox_dir) if spool.outbox_dir else config.state_dir / "reports",
+        spool.poll_interval_seconds, spool.max_message_bytes,
+    )
+    daemon = Daemon(node, transport)
+    while True:
+        try:
+            daemon.recover()
+            break
+        except Busy as exc:
+            log.info("recovery waits for the lock", reason=exc.reason)
+            await asyncio.sleep(BUSY_RETRY_SECONDS)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sd_notify("READY=1\nSTATUS=ready")
+    log.info("agent ready", version=__version__, node=config.node_name)
+    tasks = [daemon.intake(), daemon.worker(), daemon.reporter(), _until(stop)]
+    if (interval := watchdog_interval()) is not None:
+        tasks.append(daemon.watchdog(interval))
+    try:
+        await _supervise(*tasks)
+    finally:
+        sd_notify("STOPPING=1")
+        node.close()
+        log.info("agent stopped")
+    return 0
+
+
+async def _until(event: asyncio.Event) -> None:
+    await event.wait()

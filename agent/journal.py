@@ -1,0 +1,245 @@
+"""The journal: jobs and the report outbox in one SQLite database (WAL).
+
+Every state change is one transaction that also queues its report, and it is
+committed *before* the side effect it announces, so a crash at any point
+leaves a journal that says what may have happened. ``synchronous=FULL``
+because a lost state change after power loss could mean a lost rollback.
+The calls are synchronous: each is a local, sub-millisecond-to-fsync write,
+cheaper than a thread hop, and only the job runner writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import JournalError
+from agent.messages.commands import Command
+from agent.states import TERMINAL, Action, State
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs(
+    key TEXT PRIMARY KEY,
+    command TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    from_version TEXT,
+    entries TEXT NOT NULL DEFAULT '{}',
+    actions TEXT NOT NULL DEFAULT '[]',
+    notes TEXT NOT NULL DEFAULT '{}',
+    seq INTEGER NOT NULL DEFAULT 0,
+    final_reported INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    final INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE(job_key, seq)
+);
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"""
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class ActionStatus:
+    """One v1alpha2 ActionStatus / UpstreamMessage entry."""
+
+    action: Action
+    succ: bool
+    reason: str
+    finish_time: str
+    extend: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action.value,
+            "succ": self.succ,
+            "reason": self.reason,
+            "finishTime": self.finish_time,
+            "extend": self.extend,
+        }
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str
+    command: Command
+    state: State
+    reason: str = ""
+    from_version: str | None = None
+    entries: tuple[tuple[str, int], ...] = ()
+    actions: tuple[ActionStatus, ...] = ()
+    # Small typed-by-convention facts steps leave for later steps and for
+    # recovery (backup dir, log path, image digest); values are strings.
+    notes: tuple[tuple[str, str], ...] = ()
+    seq: int = 0
+    final_reported: bool = False
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def entry_count(self, state: State) -> int:
+        return dict(self.entries).get(state.value, 0)
+
+    def note(self, name: str) -> str | None:
+        return dict(self.notes).get(name)
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    actions = tuple(
+        ActionStatus(Action(a["action"]), a["succ"], a["reason"], a["finishTime"], a["extend"])
+        for a in json.loads(row["actions"])
+    )
+    return Job(
+        key=row["key"],
+        command=Command.from_json(row["command"]),
+        state=State(row["state"]),
+        reason=row["reason"],
+        from_version=row["from_version"],
+        entries=tuple(sorted(json.loads(row["entries"]).items())),
+        actions=actions,
+        notes=tuple(sorted(json.loads(row["notes"]).items())),
+        seq=row["seq"],
+        final_reported=bool(row["final_reported"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=10)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {path}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal write failed: {exc}") from None
+
+    def get(self, key: str) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
+        return _row_to_job(row) if row else None
+
+    def jobs(self, *, active_only: bool = False, limit: int = 100) -> list[Job]:
+        rows = self.db.execute(
+            "SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)
+        ).fetchall()
+        jobs = [_row_to_job(r) for r in rows]
+        return [j for j in jobs if not j.terminal] if active_only else jobs
+
+    def add(self, job: Job, payload: dict[str, Any]) -> Job:
+        """Insert a new job with its first report. Raises KeyError on a duplicate key."""
+        job = replace(job, seq=1, entries=((job.state.value, 1),))
+        final = job.terminal
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE key=?", (job.key,)).fetchone():
+                raise KeyError(job.key)
+            db.execute(
+                "INSERT INTO jobs(key, command, state, reason, from_version, entries, actions,"
+                " notes, seq, final_reported, created_at, updated_at)"
+                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job.key,
+                    job.command.to_json(),
+                    job.state.value,
+                    job.reason,
+                    job.from_version,
+                    json.dumps(dict(job.entries)),
+                    json.dumps([a.to_dict() for a in job.actions]),
+                    json.dumps(dict(job.notes)),
+                    job.seq,
+                    int(final),
+                    job.created_at,
+                    job.updated_at,
+                ),
+            )
+            self._queue(db, job, payload, final)
+        return replace(job, final_reported=final)
+
+    def save(self, job: Job, payload: dict[str, Any] | None) -> Job:
+        """Persist ``job`` (already advanced by the caller) and queue its report."""
+        final = job.terminal and payload is not None
+        job = replace(job, updated_at=time.time())
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state=?, reason=?, from_version=?, entries=?, actions=?,"
+                " notes=?, seq=?, final_reported=MAX(final_reported, ?), updated_at=?"
+                " WHERE key=?",
+                (
+                    job.state.value,
+                    job.reason,
+                    job.from_version,
+                    json.dumps(dict(job.entries)),
+                    json.dumps([a.to_dict() for a in job.actions]),
+                    json.dumps(dict(job.notes)),
+                    job.seq,
+                    int(final),
+                    job.updated_at,
+                    job.key,
+                ),
+            )
+            if payload is not None:
+                self._queue(db, job, payload, final)
+        return replace(job, final_reported=job.final_reported or final)
+
+    @staticmethod
+    def _queue(db: sqlite3.Connection, job: Job, payload: dict[str, Any], final: bool) -> None:
+        db.execute(
+            "INSERT INTO outbox(job_key, seq, final, payload, created_at) VALUES(?,?,?,?,?)",
+            (job.key, job.seq, int(final), json.dumps(payload, sort_keys=True), time.time()),
+        )
+
+    def outbox(self, limit: int = 100) -> list[tuple[int, dict[str, Any]]]:
+        rows = self.db.execute(
+            "SELECT id, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [(r["id"], json.loads(r["payload"])) for r in rows]
+
+    def ack(self, outbox_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM outbox WHERE id=?", (outbox_id,))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return str(row["v"]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", (key, value))

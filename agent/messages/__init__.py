@@ -1,0 +1,1 @@
+"""Command and report models, and the parsers of their wire forms."""

@@ -1,0 +1,221 @@
+"""Commands: the validated model, and the parser of our own JSON envelope.
+
+Parsing is the boundary: past it there are only frozen dataclasses with
+validated versions, names and image references, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from agent.config import CHECK_ITEMS, Config
+from agent.errors import InvalidCommand
+from agent.versions import ImageRef, Version, check_digest, check_name, parse_image
+
+HISTORY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+SCHEMA = "edge-upgrade-agent/command/v1"
+
+
+class Operation(str, Enum):
+    UPGRADE = "upgrade"
+    ROLLBACK = "rollback"
+    CHECK = "check"
+
+
+@dataclass(frozen=True)
+class Command:
+    operation: Operation
+    job_name: str
+    node_name: str
+    version: Version | None
+    image: ImageRef
+    image_digest: str | None = None
+    timeout_seconds: int = 300
+    check_items: tuple[str, ...] = ()
+    require_confirmation: bool = False
+    upgrade_tool: str = ""
+    history_id: str = ""
+    dry_run: bool = False
+    source: str = "cli"
+    issued_at: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> str:
+        """Idempotency key: a duplicate with the same key never runs twice."""
+        return f"{self.job_name}/{self.history_id}" if self.history_id else self.job_name
+
+    @property
+    def target(self) -> Version:
+        if self.version is None:
+            raise InvalidCommand(f"{self.operation.value} needs a target version")
+        return self.version
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["operation"] = self.operation.value
+        data["version"] = str(self.version) if self.version else None
+        data["image"] = str(self.image)
+        data["check_items"] = list(self.check_items)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Command:
+        """Reload a command the journal stored (already validated once)."""
+        d = json.loads(text)
+        return cls(
+            operation=Operation(d["operation"]),
+            job_name=d["job_name"],
+            node_name=d["node_name"],
+            version=Version.parse(d["version"]) if d["version"] else None,
+            image=parse_image(d["image"]),
+            image_digest=d["image_digest"],
+            timeout_seconds=int(d["timeout_seconds"]),
+            check_items=tuple(d["check_items"]),
+            require_confirmation=bool(d["require_confirmation"]),
+            upgrade_tool=d["upgrade_tool"],
+            history_id=d["history_id"],
+            dry_run=bool(d["dry_run"]),
+            source=d["source"],
+            issued_at=float(d["issued_at"]),
+        )
+
+
+def new_job_name(prefix: str = "cli") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def build_command(
+    config: Config,
+    *,
+    operation: Operation,
+    job_name: str,
+    node_name: str | None = None,
+    version: str | None = None,
+    image: str | None = None,
+    image_digest: str | None = None,
+    timeout_seconds: int | None = None,
+    check_items: list[str] | tuple[str, ...] = (),
+    require_confirmation: bool = False,
+    upgrade_tool: str = "",
+    history_id: str = "",
+    dry_run: bool = False,
+    source: str = "cli",
+) -> Command:
+    """Validate every field; the one way a Command gets built from outside input."""
+    check_name("job name", job_name)
+    node = check_name("node name", node_name or config.node_name)
+    if node != config.node_name:
+        raise InvalidCommand(f"command is for node {node!r}, this is {config.node_name!r}")
+    target = Version.parse(version) if version else None
+    if operation in (Operation.UPGRADE, Operation.CHECK) and target is None:
+        raise InvalidCommand(f"{operation.value} needs a version")
+    ref = parse_image(image) if image else parse_image(config.images.default_repo)
+    if ref.digest:
+        if image_digest and image_digest != ref.digest:
+            raise InvalidCommand("image digest given twice with different values")
+        image_digest = ref.digest
+    # Like KubeEdge, the tag always follows the version: the repo is what counts.
+    ref = ImageRef(ref.repo)
+    if image_digest is not None:
+        check_digest(image_digest)
+    timeout = timeout_seconds if timeout_seconds else config.default_timeout_seconds
+    if not isinstance(timeout, int) or not 1 <= timeout <= 86400:
+        raise InvalidCommand(f"bad timeoutSeconds {timeout!r}: expected 1..86400")
+    for item in check_items:
+        if item not in CHECK_ITEMS:
+            raise InvalidCommand(f"unknown checkItem {item!r}: expected one of cpu, mem, disk")
+    if upgrade_tool not in ("", "keadm") and config.installer(upgrade_tool) is None:
+        raise InvalidCommand(f"unknown upgradeTool {upgrade_tool!r}: not in the installers config")
+    if history_id and not HISTORY_ID_RE.match(history_id):
+        raise InvalidCommand(f"bad historyID {history_id!r}")
+    return Command(
+        operation=operation,
+        job_name=job_name,
+        node_name=node,
+        version=target,
+        image=ref,
+        image_digest=image_digest,
+        timeout_seconds=timeout,
+        check_items=tuple(dict.fromkeys(check_items)),
+        require_confirmation=require_confirmation,
+        upgrade_tool=upgrade_tool,
+        history_id=history_id,
+        dry_run=dry_run,
+        source=source,
+    )
+
+
+_ENVELOPE_KEYS = {
+    "schema": str,
+    "operation": str,
+    "jobName": str,
+    "nodeName": str,
+    "version": str,
+    "image": str,
+    "imageDigest": str,
+    "timeoutSeconds": int,
+    "checkItems": list,
+    "requireConfirmation": bool,
+    "upgradeTool": str,
+    "historyID": str,
+    "dryRun": bool,
+}
+
+
+def parse_envelope(raw: bytes, config: Config, source: str) -> Command:
+    """Parse our own JSON command envelope (see docs/protocol.md)."""
+    limit = config.transport.max_message_bytes
+    if len(raw) > limit:
+        raise InvalidCommand(f"message of {len(raw)} bytes exceeds the {limit}-byte cap")
+    try:
+        data: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidCommand(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidCommand("command must be a JSON object")
+    for key, value in data.items():
+        kind = _ENVELOPE_KEYS.get(key)
+        if kind is None:
+            raise InvalidCommand(f"unknown field {key!r}")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InvalidCommand(f"field {key!r} must be a {kind.__name__}")
+    if data.get("schema", SCHEMA) != SCHEMA:
+        raise InvalidCommand(f"unknown schema {data['schema']!r}")
+    try:
+        operation = Operation(data.get("operation", "upgrade"))
+    except ValueError:
+        raise InvalidCommand(f"unknown operation {data.get('operation')!r}") from None
+    if "jobName" not in data:
+        raise InvalidCommand("missing jobName")
+    return build_command(
+        config,
+        operation=operation,
+        job_name=data["jobName"],
+        node_name=data.get("nodeName"),
+        version=data.get("version"),
+        image=data.get("image"),
+        image_digest=data.get("imageDigest"),
+        timeout_seconds=data.get("timeoutSeconds"),
+        check_items=[str(i) for i in data.get("checkItems", [])],
+        require_confirmation=data.get("requireConfirmation", False),
+        upgrade_tool=data.get("upgradeTool", ""),
+        history_id=data.get("historyID", ""),
+        dry_run=data.get("dryRun", False),
+        source=source,
+    )
+
+
+def peek_job_name(raw: bytes) -> str | None:
+    """Best effort: the job name of a rejected message, so the rejection can be reported."""
+    try:
+        data = json.loads(raw)
+        name = data.get("jobName") if isinstance(data, dict) else None
+        return check_name("job name", name) if isinstance(name, str) else None
+    except (ValueError, InvalidCommand):
+        return None

@@ -1,0 +1,51 @@
+"""Reports: one JSON object per state change, queued in the journal's outbox.
+
+Each carries ``(jobKey, sequence)`` so receivers can dedupe, KubeEdge's
+result enum and v1alpha2 action flow, and on failure the installer log tail.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent.states import State, kubeedge_phase, kubeedge_result
+
+if TYPE_CHECKING:
+    from agent.journal import Job
+
+SCHEMA = "edge-upgrade-agent/report/v1"
+
+
+def build_report(job: Job, *, log_tail: str | None = None,
+                 plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    cmd = job.command
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "jobKey": job.key,
+        "sequence": job.seq,
+        "nodeName": cmd.node_name,
+        "jobName": cmd.job_name,
+        "upgradeID": cmd.job_name,
+        "historyID": cmd.history_id,
+        "operation": cmd.operation.value,
+        "phase": job.state.value,
+        "state": kubeedge_phase(job.state),
+        "final": job.terminal,
+        "result": kubeedge_result(job.state) if job.terminal else None,
+        "reason": job.reason,
+        "fromVersion": job.from_version,
+        "toVersion": str(cmd.version) if cmd.version else None,
+        "actionFlow": [a.to_dict() for a in job.actions],
+        "rehearsal": cmd.dry_run,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if log_tail:
+        report["logTail"] = log_tail
+    if plan is not None:
+        report["plan"] = plan
+    return report
+
+
+def is_failure(state: State) -> bool:
+    return state in (State.FAILED, State.ROLLED_BACK, State.ROLLBACK_FAILED, State.REJECTED)

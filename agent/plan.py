@@ -1,0 +1,114 @@
+"""Dry run: every read-only check, the exact plan, and a verdict.
+
+Nothing is written outside the agent's own state dir (where the rehearsal is
+journalled): no backup, no staging, no lock taken, no marker cleared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agent.adapters.images import EDGECORE, KEADM, verify_digest
+from agent.adapters.keadm import InstallSpec, custom_argv, era, keadm_argv
+from agent.errors import AgentError
+from agent.messages.commands import Command
+from agent.node import Node
+from agent.steps.precheck import CheckResult, run_prechecks
+from agent.versions import Decision, Version
+
+GO, NO_GO, SKIP = "GO", "NO-GO", "SKIP"
+
+
+@dataclass(frozen=True)
+class Plan:
+    verdict: str
+    reason: str
+    from_version: str | None
+    to_version: str
+    checks: tuple[CheckResult, ...]
+    steps: tuple[str, ...]
+    argv: tuple[str, ...]
+    backup_bytes: int
+    free_bytes: int
+    needed_bytes: int
+    image: dict[str, Any]
+    paths: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "fromVersion": self.from_version,
+            "toVersion": self.to_version,
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+            "steps": list(self.steps),
+            "installerArgv": list(self.argv),
+            "backupBytes": self.backup_bytes,
+            "freeBytes": self.free_bytes,
+            "neededBytes": self.needed_bytes,
+            "image": self.image,
+            "pathsTouched": self.paths,
+        }
+
+
+async def make_plan(node: Node, cmd: Command) -> Plan:
+    ref = cmd.image.with_tag(str(cmd.target))
+    image: dict[str, Any] = {"reference": str(ref)}
+    image_bytes = 0
+    extra: list[CheckResult] = []
+    try:
+        info = await node.images.inspect(ref)
+        verify_digest(info, cmd.image_digest)
+        image |= {"digest": info.digest, "size": info.size, "presentLocally": info.present_locally}
+        image_bytes = info.size
+        extra.append(CheckResult("image", True, f"{ref} exists, digest {info.digest}"))
+    except AgentError as exc:
+        extra.append(CheckResult("image", False, exc.reason))
+    report = await run_prechecks(node, cmd, image_bytes=image_bytes)
+    checks = report.checks + tuple(extra)
+    files = node.probe.files()
+    from_version = str(report.detected.version) if report.detected else None
+    staging = node.staging_dir(str(cmd.target))
+    spec = InstallSpec(
+        keadm=staging / "keadm",
+        from_version=report.detected.version if report.detected else Version(0, 0, 0),
+        to_version=cmd.target, image=cmd.image, edgecore_config=files.config,
+        upgrade_id=cmd.job_name, history_id=cmd.history_id, image_digest=cmd.image_digest,
+    )
+    template = node.config.installer(cmd.upgrade_tool) if cmd.upgrade_tool else None
+    argv = custom_argv(template, spec) if template else keadm_argv(spec)
+    installer = (f"custom installer {cmd.upgrade_tool}" if template
+                 else f"keadm era {era(cmd.target)}")
+    backup_dir = node.backup_root / (from_version or "<unknown>")
+    steps = (
+        f"precheck: version policy, {', '.join(cmd.check_items) or 'no'} resource checks, "
+        "free space, locks",
+        f"image: pull {ref}, extract {KEADM} and {EDGECORE} into {staging}",
+        f"backup: {', '.join(str(p) for p in files.all())} -> {backup_dir}",
+        f"install: {installer}, timeout {cmd.timeout_seconds}s",
+        f"verify: {node.config.edgecore_unit} active and stable for "
+        f"{node.config.health.grace_seconds:g}s at {cmd.target}",
+        "rollback on any failure after install: restore the backup, restart, re-verify",
+    )
+    if report.decision == Decision.SKIP:
+        verdict, reason = SKIP, f"already at {cmd.target}"
+    elif all(c.ok for c in checks):
+        verdict, reason = GO, "all checks passed"
+    else:
+        verdict = NO_GO
+        reason = "; ".join(f"{c.name}: {c.detail}" for c in checks if not c.ok)
+    return Plan(
+        verdict=verdict, reason=reason, from_version=from_version, to_version=str(cmd.target),
+        checks=checks, steps=steps, argv=tuple(argv), backup_bytes=report.backup_bytes,
+        free_bytes=report.free_bytes, needed_bytes=report.needed_bytes, image=image,
+        paths={
+            "edgecoreBinary": str(files.binary),
+            "edgecoreConfig": str(files.config),
+            "edgecoreDb": str(files.db),
+            "backupDir": str(backup_dir),
+            "staging": str(staging),
+            "keadmMarker": str(node.keadm_marker),
+            "stateDir": str(node.state_dir),
+        },
+    )

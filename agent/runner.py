@@ -1,0 +1,287 @@
+"""The job runner: a trivial loop over one handler per state, plus recovery.
+
+Each handler does its state's work and names the next state; the runner
+commits that state (and its report) to the journal before running the next
+handler, so the journal always says what might have happened. At start-up,
+``recover`` applies the recovery table of docs/architecture.md to every job
+a crash left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from agent.adapters.keadm import InstallSpec, custom_argv, keadm_argv
+from agent.errors import AgentError, Busy, InstallError, PrecheckFailed
+from agent.journal import ActionStatus, Job, utc_now
+from agent.locks import check_marker, keadm_pids
+from agent.messages.commands import Command, Operation
+from agent.messages.reports import build_report
+from agent.node import RECORD_KEY, Node
+from agent.states import NODE_TOUCHED, Action, State
+from agent.steps.backup import make_backup, prune_backups
+from agent.steps.image import stage_image
+from agent.steps.install import kill_installers, log_tail, run_installer
+from agent.steps.precheck import run_prechecks
+from agent.steps.rollback import roll_back
+from agent.steps.verify import health_gate
+from agent.versions import Decision, Version
+
+log = structlog.get_logger("agent.runner")
+Handler = Callable[[Job], Awaitable[Job]]
+
+
+class Runner:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.handlers: dict[State, Handler] = {
+            State.RECEIVED: self._received,
+            State.PRECHECKED: self._prechecked,
+            State.IMAGE_READY: self._image_ready,
+            State.BACKED_UP: self._backed_up,
+            State.INSTALLING: self._installing,
+            State.VERIFYING: self._verifying,
+            State.ROLLING_BACK: self._rolling_back,
+        }
+
+    # -- journal helpers ----------------------------------------------------
+
+    def advance(self, job: Job, state: State, reason: str = "", *,
+                action: tuple[Action, bool] | None = None, notes: dict[str, str] | None = None,
+                log_tail: str | None = None) -> Job:
+        """Commit the next state and its report in one transaction."""
+        actions = job.actions
+        if action is not None:
+            extend = f"{job.from_version or ''},{job.command.version or ''}"
+            actions += (ActionStatus(action[0], action[1], reason, utc_now(), extend),)
+        entries = dict(job.entries)
+        entries[state.value] = entries.get(state.value, 0) + 1
+        merged = {**dict(job.notes), **(notes or {})}
+        job = replace(job, state=state, reason=reason, actions=actions, seq=job.seq + 1,
+                      entries=tuple(sorted(entries.items())), notes=tuple(sorted(merged.items())))
+        if job.terminal and log_tail is None:
+            log_tail = self._tail(job)
+        job = self.node.journal.save(job, build_report(job, log_tail=log_tail))
+        log.info("job state", job=job.key, state=state.value, reason=reason)
+        return job
+
+    def _tail(self, job: Job) -> str | None:
+        path = job.note("log")
+        return log_tail(Path(path)) if path and job.state != State.SUCCEEDED else None
+
+    def submit(self, cmd: Command) -> tuple[Job, bool]:
+        """Journal a command before acting on it; (job, False) for a duplicate key."""
+        existing = self.node.journal.get(cmd.key)
+        if existing is not None:
+            return existing, False
+        job = Job(key=cmd.key, command=cmd, state=State.RECEIVED, reason="command received")
+        try:
+            return self.node.journal.add(job, build_report(replace(job, seq=1))), True
+        except KeyError:
+            found = self.node.journal.get(cmd.key)
+            assert found is not None
+            return found, False
+
+    def reject(self, cmd: Command, reason: str) -> Job:
+        job = Job(key=cmd.key, command=cmd, state=State.REJECTED, reason=reason)
+        return self.node.journal.add(job, build_report(replace(job, seq=1)))
+
+    # -- the loop -----------------------------------------------------------
+
+    async def run(self, job: Job) -> Job:
+        """Drive ``job`` until it is terminal or parked. The caller holds the lock."""
+        with structlog.contextvars.bound_contextvars(job=job.key):
+            while not job.terminal and job.state != State.AWAITING_CONFIRMATION:
+                if job.entry_count(job.state) > self.node.config.max_state_entries:
+                    job = self._break_loop(job)
+                    continue
+                job = await self.handlers[job.state](job)
+        return job
+
+    def _break_loop(self, job: Job) -> Job:
+        reason = (f"loop breaker: state {job.state.value} entered "
+                  f"{job.entry_count(job.state)} times")
+        if job.state == State.ROLLING_BACK:
+            return self.advance(job, State.ROLLBACK_FAILED, reason, action=(Action.ROLLBACK, False))
+        if job.state in NODE_TOUCHED:
+            return self.advance(job, State.ROLLING_BACK, reason, action=(Action.UPGRADE, False))
+        return self.advance(job, State.FAILED, reason)
+
+    def recover(self) -> list[Job]:
+        """Apply the recovery table to every job a crash left non-terminal."""
+        resumed = []
+        for stale in reversed(self.node.journal.jobs(active_only=True)):
+            job = stale
+            if job.state == State.INSTALLING:
+                # Never guess that keadm finished: stop whatever is left and roll back.
+                job = self.advance(job, State.ROLLING_BACK,
+                                   "agent restarted during install; rolling back",
+                                   action=(Action.UPGRADE, False))
+            elif job.state != State.AWAITING_CONFIRMATION:
+                job = self.advance(job, job.state, f"resumed in {job.state.value} after restart")
+            resumed.append(job)
+        for job in self.node.journal.jobs(limit=20):
+            if job.terminal and not job.final_reported:
+                self.node.journal.save(job, build_report(job))
+        return resumed
+
+    # -- handlers -----------------------------------------------------------
+
+    async def _received(self, job: Job) -> Job:
+        cmd = job.command
+        if cmd.operation == Operation.ROLLBACK:
+            return await self._manual_rollback(job)
+        try:
+            check_marker(self.node.keadm_marker, cmd.timeout_seconds, clear_stale=True)
+        except Busy as exc:
+            return self.advance(job, State.FAILED, exc.reason, action=(Action.CHECK, False))
+        try:
+            info = await self.node.images.inspect(cmd.image.with_tag(str(cmd.target)))
+            image_bytes = info.size
+        except AgentError as exc:
+            return self.advance(job, State.FAILED, f"image: {exc.reason}",
+                                action=(Action.CHECK, False))
+        report = await run_prechecks(self.node, cmd, image_bytes=image_bytes, lock_held=True)
+        from_version = str(report.detected.version) if report.detected else None
+        job = replace(job, from_version=from_version)
+        if report.decision == Decision.SKIP:
+            return self.advance(job, State.SKIPPED, f"already at {cmd.target}",
+                                action=(Action.CHECK, True))
+        if not report.ok:
+            return self.advance(job, State.FAILED, PrecheckFailed(report.failures()).reason,
+                                action=(Action.CHECK, False))
+        return self.advance(job, State.PRECHECKED, "prechecks passed")
+
+    async def _prechecked(self, job: Job) -> Job:
+        cmd = job.command
+        if cmd.require_confirmation and job.note("confirmed") != "yes":
+            return self.advance(job, State.AWAITING_CONFIRMATION, "waiting for confirmation")
+        try:
+            staged = await stage_image(self.node, cmd, lambda msg: log.info(msg, job=job.key))
+        except AgentError as exc:
+            return self.advance(job, State.FAILED, f"image: {exc.reason}",
+                                action=(Action.CHECK, False))
+        job = self.advance(job, job.state, "image staged", action=(Action.CHECK, True),
+                           notes={"keadm": str(staged.keadm), "digest": staged.info.digest})
+        return self.advance(job, State.IMAGE_READY, f"image {staged.info.digest} ready",
+                            action=(Action.WAITING_CONFIRMATION, True))
+
+    def confirm(self, job: Job) -> Job:
+        if job.state != State.AWAITING_CONFIRMATION:
+            raise Busy(f"job {job.key} is {job.state.value}, not awaiting confirmation")
+        return self.advance(job, State.PRECHECKED, "confirmed", notes={"confirmed": "yes"})
+
+    async def _image_ready(self, job: Job) -> Job:
+        assert job.from_version is not None
+        try:
+            manifest = make_backup(self.node.backup_root, job.from_version,
+                                   self.node.probe.files())
+        except AgentError as exc:
+            return self.advance(job, State.FAILED, f"backup: {exc.reason}",
+                                action=(Action.BACKUP, False))
+        except OSError as exc:
+            return self.advance(job, State.FAILED, f"backup: {exc}", action=(Action.BACKUP, False))
+        removed = prune_backups(self.node.backup_root, self.node.config.keep_backups,
+                                protect=job.from_version)
+        backup_dir = str(self.node.backup_root / job.from_version)
+        return self.advance(job, State.BACKED_UP,
+                            f"backed up {manifest.size} bytes to {backup_dir}"
+                            + (f" (pruned {', '.join(removed)})" if removed else ""),
+                            action=(Action.BACKUP, True), notes={"backup": backup_dir})
+
+    async def _backed_up(self, job: Job) -> Job:
+        log_path = self.node.log_path(job.key)
+        return self.advance(job, State.INSTALLING, "running installer",
+                            notes={"log": str(log_path)})
+
+    def _install_argv(self, job: Job) -> list[str]:
+        cmd = job.command
+        assert job.from_version is not None
+        spec = InstallSpec(
+            keadm=Path(job.note("keadm") or ""),
+            from_version=Version.parse(job.from_version),
+            to_version=cmd.target,
+            image=cmd.image,
+            edgecore_config=self.node.probe.files().config,
+            upgrade_id=cmd.job_name,
+            history_id=cmd.history_id,
+            image_digest=cmd.image_digest,
+        )
+        template = self.node.config.installer(cmd.upgrade_tool) if cmd.upgrade_tool else None
+        return custom_argv(template, spec) if template else keadm_argv(spec)
+
+    async def _installing(self, job: Job) -> Job:
+        argv = self._install_argv(job)
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+               "EDGE_UPGRADE_ROOT": str(self.node.config.paths.root), "LANG": "C.UTF-8"}
+        log_path = Path(job.note("log") or self.node.log_path(job.key))
+        try:
+            result = await run_installer(argv, log_path, job.command.timeout_seconds, env)
+            if result.returncode != 0:
+                raise InstallError(f"installer exited with code {result.returncode}")
+            # keadm may swap the binary without restarting it (KubeEdge #4993).
+            await self.node.service.start()
+        except AgentError as exc:
+            return self.advance(job, State.ROLLING_BACK, f"install: {exc.reason}",
+                                action=(Action.UPGRADE, False), log_tail=_tail_of(log_path))
+        return self.advance(job, State.VERIFYING, "installer finished; checking health")
+
+    async def _verifying(self, job: Job) -> Job:
+        cfg = self.node.config
+        try:
+            detail = await health_gate(self.node.service, self.node.probe, job.command.target,
+                                       cfg.health)
+        except AgentError as exc:
+            return self.advance(job, State.ROLLING_BACK, f"health: {exc.reason}",
+                                action=(Action.UPGRADE, False))
+        self.node.journal.set_meta(RECORD_KEY, str(job.command.target))
+        shutil.rmtree(self.node.staging_dir(str(job.command.target)), ignore_errors=True)
+        return self.advance(job, State.SUCCEEDED, detail, action=(Action.UPGRADE, True))
+
+    async def _rolling_back(self, job: Job) -> Job:
+        keadm = job.note("keadm")
+        if keadm and kill_installers(Path(keadm)):
+            log.warning("killed a leftover installer", job=job.key)
+        if not keadm_pids():
+            # Our keadm is gone, so a marker it left is ours to clear.
+            self.node.keadm_marker.unlink(missing_ok=True)
+        backup = job.note("backup")
+        if backup is None or job.from_version is None:
+            return self.advance(job, State.ROLLBACK_FAILED, "no backup recorded for this job",
+                                action=(Action.ROLLBACK, False))
+        cause = job.reason
+        try:
+            detail = await roll_back(self.node, Path(backup), Version.parse(job.from_version))
+        except AgentError as exc:
+            return self.advance(job, State.ROLLBACK_FAILED, f"{cause}; {exc.reason}",
+                                action=(Action.ROLLBACK, False))
+        self.node.journal.set_meta(RECORD_KEY, job.from_version)
+        return self.advance(job, State.ROLLED_BACK, f"{cause}; rolled back: {detail}",
+                            action=(Action.ROLLBACK, True))
+
+    async def _manual_rollback(self, job: Job) -> Job:
+        """``rollback [--to-version V]``: restore a backup (the newest by default)."""
+        target = job.command.version
+        root = self.node.backup_root
+        if target is None:
+            dirs = sorted((d for d in root.iterdir() if (d / "manifest.json").is_file()),
+                          key=lambda d: d.stat().st_mtime) if root.is_dir() else []
+            if not dirs:
+                return self.advance(job, State.FAILED, f"no backups in {root}")
+            target = Version.parse(dirs[-1].name)
+        detected = await self.node.probe.detect()
+        job = replace(job, from_version=str(target))
+        current = str(detected.version) if detected else "unknown"
+        return self.advance(job, State.ROLLING_BACK,
+                            f"manual rollback from {current} to {target}",
+                            notes={"backup": str(root / str(target))})
+
+
+def _tail_of(path: Path) -> str:
+    return log_tail(path)

@@ -1,0 +1,161 @@
+"""Backup and restore of edgecore's binary, config and database.
+
+Layout is keadm's own (``/etc/kubeedge/backup/<version>/{edgecore,
+edgecore.yaml,edgecore.db}``) so ``keadm rollback edge`` can use our backups,
+plus a ``manifest.json`` with sha256, size, mode and origin of each file. A
+backup is written into ``<version>.partial`` and renamed when complete: a
+directory without the suffix is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.adapters.edgecore import EdgecoreFiles
+from agent.adapters.files import (
+    FileDigest,
+    atomic_install,
+    copy_hashed,
+    fsync_dir,
+    sha256_file,
+    sqlite_backup,
+)
+from agent.errors import BackupError
+
+MANIFEST = "manifest.json"
+NAMES = {"binary": "edgecore", "config": "edgecore.yaml", "db": "edgecore.db"}
+
+
+@dataclass(frozen=True)
+class BackupEntry:
+    name: str
+    origin: str  # absolute path on the node (inside the sandbox root, if any)
+    digest: FileDigest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    created_at: float
+    entries: tuple[BackupEntry, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(e.digest.size for e in self.entries)
+
+
+def make_backup(backup_root: Path, version: str, files: EdgecoreFiles) -> Manifest:
+    final = backup_root / version
+    partial = backup_root / f"{version}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    entries = []
+    try:
+        for kind, src in (("binary", files.binary), ("config", files.config), ("db", files.db)):
+            if not src.exists():
+                if kind == "db":
+                    continue  # a node that never ran has no database yet
+                raise BackupError(f"cannot back up {src}: file missing")
+            dst = partial / NAMES[kind]
+            digest = sqlite_backup(src, dst) if kind == "db" else copy_hashed(src, dst)
+            entries.append(BackupEntry(NAMES[kind], str(src), digest))
+    except OSError as exc:
+        raise BackupError(f"backup to {partial} failed: {exc}") from None
+    manifest = Manifest(version, time.time(), tuple(entries))
+    _write_manifest(partial / MANIFEST, manifest)
+    fsync_dir(partial)
+    old = backup_root / f"{version}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    fsync_dir(backup_root)
+    if old.exists():
+        shutil.rmtree(old)
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: Manifest) -> None:
+    data = {
+        "version": manifest.version,
+        "createdAt": manifest.created_at,
+        "files": {
+            e.name: {"origin": e.origin, "sha256": e.digest.sha256, "size": e.digest.size,
+                     "mode": oct(e.digest.mode)}
+            for e in manifest.entries
+        },
+    }
+    with path.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_manifest(directory: Path) -> Manifest:
+    try:
+        data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        entries = tuple(
+            BackupEntry(name, f["origin"], FileDigest(f["sha256"], int(f["size"]),
+                                                      int(f["mode"], 8)))
+            for name, f in sorted(data["files"].items())
+        )
+        return Manifest(str(data["version"]), float(data["createdAt"]), entries)
+    except FileNotFoundError:
+        raise BackupError(f"no backup at {directory} (manifest.json missing)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BackupError(f"backup manifest in {directory} is unreadable: {exc}") from None
+
+
+def verify_backup(directory: Path) -> Manifest:
+    """Check every file against the manifest *before* anything is restored."""
+    manifest = load_manifest(directory)
+    for e in manifest.entries:
+        path = directory / e.name
+        if path.is_symlink() or not path.is_file():
+            raise BackupError(f"backup file {path} is missing")
+        actual = sha256_file(path)
+        if actual.sha256 != e.digest.sha256 or actual.size != e.digest.size:
+            raise BackupError(
+                f"backup file {path} is corrupted: sha256 {actual.sha256[:16]}… size "
+                f"{actual.size}, manifest says {e.digest.sha256[:16]}… size {e.digest.size}"
+            )
+    return manifest
+
+
+def restore_backup(directory: Path, manifest: Manifest) -> None:
+    """Put each file back with temp+fsync+rename, re-checking the copy's hash."""
+    for e in manifest.entries:
+        dst = Path(e.origin)
+        if e.name == "edgecore.db":
+            # A newer edgecore's WAL replayed onto the old DB would corrupt it.
+            for suffix in ("-wal", "-shm", "-journal"):
+                dst.with_name(dst.name + suffix).unlink(missing_ok=True)
+        try:
+            digest = atomic_install(directory / e.name, dst, e.digest.mode)
+        except OSError as exc:
+            raise BackupError(f"restoring {dst} failed: {exc}") from None
+        if digest.sha256 != e.digest.sha256:
+            raise BackupError(f"restored {dst} does not match the backup checksum")
+
+
+def prune_backups(backup_root: Path, keep: int, protect: str | None = None) -> list[str]:
+    """Keep the newest ``keep`` whole backups (ours: those with a manifest)."""
+    if not backup_root.is_dir():
+        return []
+    dirs = [d for d in backup_root.iterdir()
+            if d.is_dir() and (d / MANIFEST).is_file()
+            and not d.name.endswith((".partial", ".old"))]
+    dirs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    removed = []
+    for d in dirs[keep:]:
+        if d.name != protect:
+            shutil.rmtree(d)
+            removed.append(d.name)
+    return removed

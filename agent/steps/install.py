@@ -1,0 +1,106 @@
+"""Run the installer (keadm or a configured tool) under a hard deadline.
+
+The installer runs in its own session, so its whole process group can be
+killed at the deadline, and so that it is not the target of signals meant
+for the agent. Its output goes to a per-job log whose tail goes into the
+report (KubeEdge #5051 lost exactly this).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import InstallError
+
+TERM_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    returncode: int
+    log_tail: str
+
+
+def log_tail(path: Path, max_bytes: int = 4096, max_lines: int = 40) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-max_lines:])
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def run_installer(argv: list[str], log: Path, timeout: float,
+                        env: dict[str, str]) -> InstallResult:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(f"$ {' '.join(argv)}\n".encode())
+        out.flush()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, env=env, close_fds=True,
+            )
+        except OSError as exc:
+            raise InstallError(f"cannot start installer {argv[0]}: {exc.strerror}") from None
+    try:
+        code = await asyncio.wait_for(proc.wait(), timeout)
+    except asyncio.TimeoutError:
+        _killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), TERM_GRACE_SECONDS)
+        # Children that ignored SIGTERM, or the leader itself, go now.
+        _killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise InstallError(
+            f"installer timed out after {timeout:g}s and was killed; log tail:\n{log_tail(log)}"
+        ) from None
+    except asyncio.CancelledError:
+        # Shutdown mid-install: kill it deliberately; recovery rolls back.
+        _killpg(proc.pid, signal.SIGKILL)
+        raise
+    return InstallResult(code, log_tail(log))
+
+
+def kill_installers(program: Path) -> int:
+    """Kill every session led by a leftover ``program`` (after an agent crash).
+
+    Recovery never guesses that a keadm from before the crash finished: it
+    stops it first, then rolls back.
+    """
+    killed = 0
+    target = str(program).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if target in argv[:2]:
+            sid = os.getsid(int(entry.name)) if _exists(int(entry.name)) else 0
+            if sid > 1 and sid != os.getsid(0):
+                _killpg(sid, signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

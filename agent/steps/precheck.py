@@ -1,0 +1,104 @@
+"""Precheck: every read-only check, collected so a dry run can show them all."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from agent.adapters import resources
+from agent.adapters.edgecore import Detected
+from agent.adapters.files import tree_size
+from agent.errors import AgentError, Busy
+from agent.locks import inspect_marker
+from agent.messages.commands import Command
+from agent.node import Node
+from agent.versions import Decision
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class PrecheckReport:
+    checks: tuple[CheckResult, ...]
+    detected: Detected | None
+    decision: Decision | None
+    backup_bytes: int
+    free_bytes: int
+    needed_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failures(self) -> str:
+        return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.ok)
+
+
+async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
+                        lock_held: bool = False) -> PrecheckReport:
+    cfg = node.config
+    checks: list[CheckResult] = []
+
+    def add(name: str, ok: bool, detail: str) -> None:
+        checks.append(CheckResult(name, ok, detail))
+
+    files = node.probe.files()
+    detected: Detected | None = None
+    if not files.binary.is_file():
+        add("edgecore", False, f"edgecore binary missing at {files.binary}")
+    else:
+        detected = await node.probe.detect()
+        if detected is None:
+            add("edgecore", False, "cannot detect the edgecore version "
+                "(tried: edgecore --version, edgecore.yaml, MetaServer, agent record)")
+        else:
+            add("edgecore", True, f"{detected.version} (from {detected.source})")
+
+    decision: Decision | None = None
+    if detected is not None:
+        try:
+            decision = cfg.policy.decide(detected.version, cmd.target)
+            add("version", True, f"{detected.version} -> {cmd.target}: {decision.value}")
+        except AgentError as exc:
+            add("version", False, exc.reason)
+
+    limits = {"cpu": cfg.precheck.cpu_max_percent, "mem": cfg.precheck.mem_max_percent,
+              "disk": cfg.precheck.disk_max_percent}
+    for item in cmd.check_items:
+        if item == "cpu":
+            used = await resources.cpu_percent()
+        elif item == "mem":
+            used = resources.mem_percent()
+        else:
+            used = resources.disk_percent(cfg.paths.root)
+        ok = used <= limits[item]
+        add(item, ok, f"{used:.1f}% used (limit {limits[item]:g}%)")
+
+    # The backup lands beside /etc/kubeedge, the image files in the state dir.
+    backup_bytes = tree_size(files.all())
+    free = resources.free_bytes(node.backup_root)
+    needed = backup_bytes + cfg.precheck.reserve_bytes
+    state_dev = os.stat(resources.existing_parent(node.state_dir)).st_dev
+    backup_dev = os.stat(resources.existing_parent(node.backup_root)).st_dev
+    if state_dev == backup_dev:
+        needed += image_bytes
+    add("free-space", free >= needed,
+        f"{free} bytes free, {needed} needed (backup {backup_bytes} + image {image_bytes}"
+        f" + reserve {cfg.precheck.reserve_bytes})"
+        if free >= needed else
+        f"disk full: {free} bytes free on the backup filesystem, {needed} needed")
+
+    if not lock_held and node.lock.held_by_other():
+        add("lock", False, "another job holds the agent lock")
+    else:
+        marker = inspect_marker(node.keadm_marker, cmd.timeout_seconds)
+        if marker.present and not marker.stale:
+            add("lock", False, Busy(f"keadm lock {marker.describe()}").reason)
+        else:
+            add("lock", True, f"free (keadm marker {marker.describe()})")
+    return PrecheckReport(tuple(checks), detected, decision, backup_bytes, free, needed)

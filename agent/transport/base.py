@@ -1,0 +1,25 @@
+"""The transport interface: commands in, reports out.
+
+The spool transport (a directory of JSON files) and the MQTT one (issue 3)
+implement it; intake, journal and reporter never see which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Inbound:
+    source: str  # where it came from, for logs and reports
+    payload: bytes
+    ack: Callable[[], Awaitable[None]]  # called only after the journal commit
+
+
+class Transport(Protocol):
+    def commands(self) -> AsyncIterator[Inbound]: ...
+
+    async def publish(self, report: dict[str, Any]) -> None:
+        """Deliver one report; return only once it is durably accepted, else raise."""

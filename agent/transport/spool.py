@@ -1,0 +1,62 @@
+"""A local spool transport: command files in, report files out.
+
+For hosts without a broker and for rehearsals: drop ``*.json`` command files
+into the spool dir; each report appears as ``<job>-<seq>.json`` in the
+outbox dir, written atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from agent.adapters.files import fsync_dir
+from agent.transport.base import Inbound
+
+
+class SpoolTransport:
+    def __init__(self, spool_dir: Path, outbox_dir: Path, poll_interval: float,
+                 max_bytes: int) -> None:
+        self.spool_dir = spool_dir
+        self.outbox_dir = outbox_dir
+        self.poll_interval = poll_interval
+        self.max_bytes = max_bytes
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        outbox_dir.mkdir(parents=True, exist_ok=True)
+
+    async def commands(self) -> AsyncIterator[Inbound]:
+        while True:
+            for path in sorted(self.spool_dir.glob("*.json"), key=_mtime):
+                try:
+                    with path.open("rb") as f:
+                        # Read one byte past the cap so oversize is detected, not truncated.
+                        raw = f.read(self.max_bytes + 1)
+                except FileNotFoundError:
+                    continue
+
+                async def ack(p: Path = path) -> None:
+                    p.unlink(missing_ok=True)
+
+                yield Inbound(f"spool:{path.name}", raw, ack)
+            await asyncio.sleep(self.poll_interval)
+
+    async def publish(self, report: dict[str, Any]) -> None:
+        name = f"{report['jobKey'].replace('/', '_')}-{report['sequence']:04d}.json"
+        tmp = self.outbox_dir / f".{name}.tmp"
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(report, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.outbox_dir / name)
+        fsync_dir(self.outbox_dir)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

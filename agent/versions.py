@@ -1,0 +1,132 @@
+"""KubeEdge version strings, image references and the version policy.
+
+Every string that ends up in an argv, a path or a report is validated here
+first: KubeEdge's CVE-2026-62371 came from passing ``spec.version`` and
+``spec.image`` into a shell unchecked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from agent.errors import InvalidCommand, PrecheckFailed
+
+VERSION_RE = re.compile(r"^v(\d{1,4})\.(\d{1,4})\.(\d{1,4})(?:-([0-9A-Za-z.-]{1,64}))?$")
+# DNS-1123 subdomain, as Kubernetes names NodeUpgradeJobs and nodes.
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_HOST = rf"(?:{_LABEL})(?:\.{_LABEL})*(?::\d{{1,5}})?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_RE = re.compile(
+    rf"^(?:(?P<host>{_HOST})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+)
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+KUBELET_VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+-kubeedge-(v\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)$")
+
+
+@dataclass(frozen=True, order=True)
+class Version:
+    major: int
+    minor: int
+    patch: int
+    # Pre-releases sort before the release, like semver; "~" sorts last.
+    pre: str = "~"
+
+    @classmethod
+    def parse(cls, text: str) -> Version:
+        m = VERSION_RE.match(text.strip()) if isinstance(text, str) else None
+        if m is None:
+            raise InvalidCommand(
+                f"bad version string {text!r}: expected vMAJOR.MINOR.PATCH[-suffix], e.g. v1.13.0"
+            )
+        return cls(int(m[1]), int(m[2]), int(m[3]), m[4] or "~")
+
+    def __str__(self) -> str:
+        base = f"v{self.major}.{self.minor}.{self.patch}"
+        return base if self.pre == "~" else f"{base}-{self.pre}"
+
+
+def version_from_kubelet(kubelet_version: str) -> Version | None:
+    """``v1.22.17-kubeedge-v1.12.1`` → ``v1.12.1`` (the suffix keadm reads)."""
+    m = KUBELET_VERSION_RE.match(kubelet_version.strip())
+    return Version.parse(m[1]) if m else None
+
+
+def check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or len(value) > 253 or not NAME_RE.match(value):
+        raise InvalidCommand(f"bad {kind} {value!r}: expected a lowercase DNS-1123 name")
+    return value
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A validated image reference; ``repo`` includes the registry host if any."""
+
+    repo: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def registry(self) -> str:
+        first = self.repo.split("/", 1)[0]
+        if "/" in self.repo and ("." in first or ":" in first or first == "localhost"):
+            return first
+        return "docker.io"
+
+    def with_tag(self, tag: str) -> ImageRef:
+        return ImageRef(self.repo, tag, self.digest)
+
+    def __str__(self) -> str:
+        text = self.repo
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+def parse_image(text: str) -> ImageRef:
+    if not isinstance(text, str) or len(text) > 512 or not (m := IMAGE_RE.match(text)):
+        raise InvalidCommand(
+            f"bad image reference {text!r}: expected [registry[:port]/]path[:tag][@sha256:…]"
+        )
+    repo = f"{m['host']}/{m['path']}" if m["host"] else m["path"]
+    return ImageRef(repo, m["tag"], m["digest"])
+
+
+def check_digest(text: str) -> str:
+    if not isinstance(text, str) or not DIGEST_RE.match(text):
+        raise InvalidCommand(f"bad image digest {text!r}: expected sha256:<64 hex>")
+    return text
+
+
+class Decision(str, Enum):
+    UPGRADE = "upgrade"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    allow_downgrade: bool = False
+    max_minor_skip: int | None = None
+
+    def decide(self, current: Version, target: Version) -> Decision:
+        """Upgrade, skip (already there), or raise PrecheckFailed with the reason."""
+        if current == target:
+            return Decision.SKIP
+        if target < current and not self.allow_downgrade:
+            raise PrecheckFailed(
+                f"refusing downgrade from {current} to {target} (policy.allow_downgrade is off)"
+            )
+        if self.max_minor_skip is not None and target > current:
+            skip = (target.major - current.major) * 1000 + target.minor - current.minor
+            if target.major != current.major or skip > self.max_minor_skip:
+                raise PrecheckFailed(
+                    f"refusing to skip from {current} to {target}: more than "
+                    f"{self.max_minor_skip} minor version(s) (policy.max_minor_skip)"
+                )
+        return Decision.UPGRADE

@@ -1,0 +1,242 @@
+"""Executable stand-ins for KubeEdge's `keadm` and `edgecore`, plus sandboxed nodes.
+
+Tests run the agent against a directory `root` that stands in for "/"; the
+generated scripts honour the same paths the real binaries use beneath it. The
+scripts are rendered from edgecore_template.py / keadm_template.py so they stay
+readable, type-checked Python while still running standalone (stdlib + yaml,
+interpreter = sys.executable of the builder).
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+__all__ = [
+    "edgecore_pid",
+    "make_image_dir",
+    "make_node",
+    "start_edgecore",
+    "stop_edgecore",
+    "write_edgecore",
+    "write_keadm",
+]
+
+_HERE = Path(__file__).resolve().parent
+_BIN = Path("usr", "local", "bin")
+_CONFIG = Path("etc", "kubeedge", "config", "edgecore.yaml")
+_DB = Path("var", "lib", "kubeedge", "edgecore.db")
+_PIDFILE = Path("run", "edgecore.pid")
+_LOG = Path("var", "log", "edgecore.log")
+
+# Popen handles for edgecores this process started, so they get reaped instead
+# of lingering as zombies that would look alive to a naive kill(pid, 0).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _render(template: str, constants: dict[str, object]) -> str:
+    lines = [f"#!{sys.executable}"]
+    lines += [f"{name} = {value!r}" for name, value in constants.items()]
+    body = (_HERE / template).read_text(encoding="utf-8")
+    return "\n".join(lines) + "\n" + body
+
+
+def _write_executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Replace rather than rewrite in place: the old script may be executing.
+    tmp = path.with_name(f".{path.name}.standin-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
+def write_edgecore(
+    path: Path, version: str, *, behaviour: str = "ok", version_flag: bool = True
+) -> Path:
+    constants: dict[str, object] = {
+        "VERSION": version,
+        "BEHAVIOUR": behaviour,
+        "VERSION_FLAG": version_flag,
+    }
+    return _write_executable(path, _render("edgecore_template.py", constants))
+
+
+def write_keadm(path: Path, version: str, *, behaviour: str = "ok") -> Path:
+    constants: dict[str, object] = {"VERSION": version, "BEHAVIOUR": behaviour}
+    return _write_executable(path, _render("keadm_template.py", constants))
+
+
+def make_image_dir(
+    images_dir: Path,
+    repo: str,
+    version: str,
+    *,
+    edgecore_behaviour: str = "ok",
+    keadm_behaviour: str = "ok",
+    version_flag: bool = True,
+) -> Path:
+    parts = Path(repo).parts
+    if not parts or Path(repo).is_absolute() or ".." in parts or "/" in version:
+        raise ValueError(f"bad image reference {repo!r}:{version!r}")
+    image = images_dir / repo / version
+    bindir = image / _BIN
+    write_edgecore(
+        bindir / "edgecore", version, behaviour=edgecore_behaviour, version_flag=version_flag
+    )
+    write_keadm(bindir / "keadm", version, behaviour=keadm_behaviour)
+    return image
+
+
+def _make_db(path: Path, version: str, rows: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.execute("CREATE TABLE meta(k TEXT PRIMARY KEY, v TEXT)")
+            conn.execute("INSERT INTO meta(k, v) VALUES('version', ?)", (version,))
+            conn.execute("CREATE TABLE pods(id INTEGER PRIMARY KEY, name TEXT, spec TEXT)")
+            # Some KB per row so a backup/restore of the DB moves real bytes.
+            conn.executemany(
+                "INSERT INTO pods(id, name, spec) VALUES(?, ?, ?)",
+                [
+                    (i, f"pod-{i}", json.dumps({"name": f"pod-{i}", "pad": f"{i:06d}" * 400}))
+                    for i in range(rows)
+                ],
+            )
+    finally:
+        conn.close()
+
+
+def make_node(
+    root: Path,
+    version: str,
+    *,
+    node_name: str = "node-1",
+    db_rows: int = 50,
+    version_flag: bool = True,
+    metaserver_port: int | None = None,
+    config_version_field: bool = False,
+) -> None:
+    root = root.absolute()
+    write_edgecore(root / _BIN / "edgecore", version, version_flag=version_flag)
+    db_path = root / _DB
+    edged: dict[str, object] = {"hostnameOverride": node_name}
+    if config_version_field:
+        edged["edgecoreVersion"] = version
+    config = {
+        "apiVersion": "edgecore.config.kubeedge.io/v1alpha2",
+        "kind": "EdgeCore",
+        "database": {"dataSource": str(db_path)},
+        "modules": {
+            "edged": edged,
+            "metaManager": {
+                "metaServer": {
+                    "enable": metaserver_port is not None,
+                    # 10550 is KubeEdge's default metaServer port.
+                    "server": f"127.0.0.1:{metaserver_port or 10550}",
+                }
+            },
+        },
+    }
+    config_path = root / _CONFIG
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    _make_db(db_path, version, db_rows)
+    (root / "run").mkdir(parents=True, exist_ok=True)
+    (root / "var" / "log").mkdir(parents=True, exist_ok=True)
+
+
+def _reap() -> None:
+    for pid, proc in list(_CHILDREN.items()):
+        if proc.poll() is not None:
+            del _CHILDREN[pid]
+
+
+def _alive(pid: int) -> bool:
+    _reap()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    # comm may contain ')' so split after the last one; zombies count as dead
+    # because orphans may never be reaped inside a container.
+    state = stat.rpartition(")")[2].split()[0]
+    # A recycled pid must not be mistaken for edgecore (and then killed).
+    return state not in ("Z", "X") and b"edgecore" in cmdline
+
+
+def _read_pid(root: Path) -> int | None:
+    try:
+        return int((root / _PIDFILE).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def edgecore_pid(root: Path) -> int | None:
+    pid = _read_pid(root)
+    return pid if pid is not None and _alive(pid) else None
+
+
+def start_edgecore(root: Path) -> int:
+    root = root.absolute()
+    running = edgecore_pid(root)
+    if running is not None:
+        # Overwriting the pidfile would leak a process no finalizer can find.
+        raise RuntimeError(f"edgecore already running under {root} (pid {running})")
+    log_path = root / _LOG
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [str(root / _BIN / "edgecore"), "--config", str(root / _CONFIG)],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            close_fds=True,
+        )
+    _CHILDREN[proc.pid] = proc
+    pidfile = root / _PIDFILE
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pidfile.with_name(f"{pidfile.name}.tmp")
+    tmp.write_text(f"{proc.pid}\n", encoding="utf-8")
+    os.replace(tmp, pidfile)
+    return proc.pid
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    proc = _CHILDREN.get(pid)
+    if proc is not None:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop_edgecore(root: Path) -> None:
+    pid = _read_pid(root)
+    if pid is not None and _alive(pid):
+        try:
+            os.kill(pid, signal.SIGTERM)
+            if not _wait_gone(pid, 5.0):
+                os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid, 2.0)
+        except ProcessLookupError:
+            pass
+    (root / _PIDFILE).unlink(missing_ok=True)
+    _reap()
