@@ -22,7 +22,7 @@ from agent import __version__
 from agent.config import DEFAULT_CONFIG, Config, load_config
 from agent.daemon import run_daemon
 from agent.errors import AgentError
-from agent.execute import execute, rehearse
+from agent.execute import execute, recover_all, rehearse
 from agent.journal import Job
 from agent.logs import setup_logging
 from agent.messages.commands import Operation, build_command, new_job_name
@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--to-version")
     ck.add_argument("--image")
     ck.add_argument("--check-items", default="cpu,mem,disk")
+    sub.add_parser("recover", help="finish or roll back any job a crash left behind")
     sub.add_parser("status", help="edgecore version, service, current job, locks")
     hi = sub.add_parser("history", help="past jobs")
     hi.add_argument("--limit", type=int, default=20)
@@ -168,6 +169,13 @@ async def _check(node: Node, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK if ok or plan.verdict == SKIP else EXIT_REFUSED
 
 
+async def _recover(node: Node, out: Output) -> int:
+    jobs = await recover_all(node, Runner(node))
+    text = "\n".join(f"{j.key}: {j.state.value}: {j.reason}" for j in jobs)
+    out.emit({"jobs": [job_dict(j) for j in jobs]}, text or "nothing to recover")
+    return max((job_exit_code(j) for j in jobs), default=EXIT_OK)
+
+
 async def _status(node: Node, out: Output) -> int:
     detected = await node.probe.detect()
     svc = await node.service.status()
@@ -224,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_rollback(node, args, out))
             if args.cmd == "check":
                 return asyncio.run(_check(node, args, out))
+            if args.cmd == "recover":
+                return asyncio.run(_recover(node, out))
             if args.cmd == "status":
                 return asyncio.run(_status(node, out))
             return _history(node, args, out)

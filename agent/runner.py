@@ -19,6 +19,7 @@ import structlog
 
 from agent.adapters.keadm import InstallSpec, custom_argv, keadm_argv
 from agent.errors import AgentError, Busy, InstallError, PrecheckFailed
+from agent.faults import fault_point
 from agent.journal import ActionStatus, Job, utc_now
 from agent.locks import check_marker, keadm_pids
 from agent.messages.commands import Command, Operation
@@ -31,7 +32,7 @@ from agent.steps.install import kill_installers, log_tail, run_installer
 from agent.steps.precheck import run_prechecks
 from agent.steps.rollback import roll_back
 from agent.steps.verify import health_gate
-from agent.versions import Decision, Version
+from agent.versions import Version
 
 log = structlog.get_logger("agent.runner")
 Handler = Callable[[Job], Awaitable[Job]]
@@ -69,6 +70,7 @@ class Runner:
             log_tail = self._tail(job)
         job = self.node.journal.save(job, build_report(job, log_tail=log_tail))
         log.info("job state", job=job.key, state=state.value, reason=reason)
+        fault_point(f"after:{state.value}")
         return job
 
     def _tail(self, job: Job) -> str | None:
@@ -82,7 +84,9 @@ class Runner:
             return existing, False
         job = Job(key=cmd.key, command=cmd, state=State.RECEIVED, reason="command received")
         try:
-            return self.node.journal.add(job, build_report(replace(job, seq=1))), True
+            added = self.node.journal.add(job, build_report(replace(job, seq=1)))
+            fault_point("after:received")
+            return added, True
         except KeyError:
             found = self.node.journal.get(cmd.key)
             assert found is not None
@@ -141,6 +145,11 @@ class Runner:
             check_marker(self.node.keadm_marker, cmd.timeout_seconds, clear_stale=True)
         except Busy as exc:
             return self.advance(job, State.FAILED, exc.reason, action=(Action.CHECK, False))
+        detected = await self.node.probe.detect()
+        if detected is not None and detected.version == cmd.target:
+            # Decided before the image is looked at: a skip needs no package.
+            return self.advance(replace(job, from_version=str(detected.version)), State.SKIPPED,
+                                f"already at {cmd.target}", action=(Action.CHECK, True))
         try:
             info = await self.node.images.inspect(cmd.image.with_tag(str(cmd.target)))
             image_bytes = info.size
@@ -150,9 +159,6 @@ class Runner:
         report = await run_prechecks(self.node, cmd, image_bytes=image_bytes, lock_held=True)
         from_version = str(report.detected.version) if report.detected else None
         job = replace(job, from_version=from_version)
-        if report.decision == Decision.SKIP:
-            return self.advance(job, State.SKIPPED, f"already at {cmd.target}",
-                                action=(Action.CHECK, True))
         if not report.ok:
             return self.advance(job, State.FAILED, PrecheckFailed(report.failures()).reason,
                                 action=(Action.CHECK, False))

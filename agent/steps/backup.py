@@ -26,6 +26,7 @@ from agent.adapters.files import (
     sqlite_backup,
 )
 from agent.errors import BackupError
+from agent.faults import fault_point
 
 MANIFEST = "manifest.json"
 NAMES = {"binary": "edgecore", "config": "edgecore.yaml", "db": "edgecore.db"}
@@ -65,6 +66,7 @@ def make_backup(backup_root: Path, version: str, files: EdgecoreFiles) -> Manife
             dst = partial / NAMES[kind]
             digest = sqlite_backup(src, dst) if kind == "db" else copy_hashed(src, dst)
             entries.append(BackupEntry(NAMES[kind], str(src), digest))
+            fault_point("backup:partial")
     except OSError as exc:
         raise BackupError(f"backup to {partial} failed: {exc}") from None
     manifest = Manifest(version, time.time(), tuple(entries))
@@ -143,6 +145,7 @@ def restore_backup(directory: Path, manifest: Manifest) -> None:
             raise BackupError(f"restoring {dst} failed: {exc}") from None
         if digest.sha256 != e.digest.sha256:
             raise BackupError(f"restored {dst} does not match the backup checksum")
+        fault_point("restore:partial")
 
 
 def prune_backups(backup_root: Path, keep: int, protect: str | None = None) -> list[str]:

@@ -1,0 +1,271 @@
+"""The upgrade pipeline end to end through the CLI, on a sandboxed node."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Sandbox, wait_for
+
+from standins import make_node, start_edgecore, stop_edgecore
+
+
+def backup_db(box: Sandbox, version: str = "v1.12.1") -> bytes:
+    return (box.root / "etc/kubeedge/backup" / version / "edgecore.db").read_bytes()
+
+
+def installer_argv(box: Sandbox, job_key: str) -> str:
+    log = box.state_dir / "logs" / f"{job_key}.log"
+    return log.read_text().splitlines()[0]
+
+
+def test_successful_upgrade(sandbox: Sandbox) -> None:
+    rc, out = sandbox.upgrade("v1.13.0")
+    job = out["job"]
+    assert (rc, job["state"]) == (0, "succeeded"), job
+    assert sandbox.running_version() == "v1.13.0" and sandbox.edgecore_running()
+    backup = sandbox.root / "etc/kubeedge/backup/v1.12.1"
+    assert sorted(p.name for p in backup.iterdir()) == [
+        "edgecore", "edgecore.db", "edgecore.yaml", "manifest.json"]
+    assert [a["action"] for a in job["actionFlow"]] == [
+        "Check", "WaitingConfirmation", "BackUp", "Upgrade"]
+    assert all(a["succ"] and a["extend"] == "v1.12.1,v1.13.0" for a in job["actionFlow"])
+    finals = sandbox.final_reports(job["jobKey"])
+    assert len(finals) == 1 and finals[0]["result"] == "upgrade_success"
+    seqs = [r["sequence"] for r in sandbox.reports() if r["jobKey"] == job["jobKey"]]
+    assert seqs == sorted(set(seqs))
+    # Era A keadm argv, as KubeEdge v1.12–v1.15 edgehub ran it, but without a shell.
+    argv = installer_argv(sandbox, job["jobKey"])
+    assert " upgrade --upgradeID " in argv and "--image kubeedge/installation-package:v1.13.0" in argv
+    assert not (sandbox.root / "etc/kubeedge/idempotency_record").exists()
+
+
+@pytest.mark.parametrize(("version", "expected"), [
+    ("v1.17.2", "upgrade edge --upgradeID"),
+    ("v1.21.0", "upgrade edge --force --toVersion v1.21.0 --image kubeedge/installation-package"),
+])
+def test_keadm_argv_follows_target_era(sandbox: Sandbox, version: str, expected: str) -> None:
+    sandbox.image(version)
+    rc, out = sandbox.upgrade(version)
+    assert rc == 0, out
+    argv = installer_argv(sandbox, out["job"]["jobKey"])
+    assert expected in argv
+    assert ("--disable-backup" in argv) == version.startswith("v1.17")
+
+
+def test_skip_when_already_at_target(sandbox: Sandbox) -> None:
+    rc, out = sandbox.upgrade("v1.12.1")
+    assert (rc, out["job"]["state"]) == (0, "skipped")
+    assert sandbox.final_reports()[0]["result"] == "upgrade_success"
+    assert not (sandbox.root / "etc/kubeedge/backup").exists()
+
+
+@pytest.mark.parametrize(("setup", "args", "needle"), [
+    ("downgrade", ["v1.11.0"], "refusing downgrade from v1.12.1 to v1.11.0"),
+    ("disk", ["v1.13.0"], "disk full"),
+    ("mem", ["v1.13.0", "--check-items", "mem"], "mem: "),
+    ("missing", ["v1.13.0"], "edgecore binary missing"),
+    ("marker", ["v1.13.0"], "idempotency_record is present and live"),
+    ("no-image", ["v1.14.0"], "image kubeedge/installation-package:v1.14.0 not found"),
+    ("skip", ["v1.15.0"], "more than 1 minor version"),
+])
+def test_precheck_failures_leave_node_untouched(sandbox: Sandbox, setup: str, args: list[str],
+                                                 needle: str) -> None:
+    sandbox.image("v1.11.0")
+    sandbox.image("v1.15.0")
+    if setup == "disk":
+        sandbox.configure(precheck={"reserve_bytes": 2**49})
+    elif setup == "mem":
+        sandbox.configure(precheck={"mem_max_percent": 0})
+    elif setup == "missing":
+        stop_edgecore(sandbox.root)
+        sandbox.binary.unlink()
+    elif setup == "marker":
+        (sandbox.root / "etc/kubeedge/idempotency_record").write_text("123")
+    elif setup == "skip":
+        sandbox.configure(policy={"max_minor_skip": 1})
+    before = sandbox.db.read_bytes()
+    rc, out = sandbox.upgrade(args[0], *args[1:])
+    assert (rc, out["job"]["state"]) == (5, "failed"), out
+    assert needle in out["job"]["reason"]
+    assert not (sandbox.root / "etc/kubeedge/backup").exists()
+    assert sandbox.db.read_bytes() == before
+    assert sandbox.final_reports()[0]["result"] == "upgrade_failed_rollback_success"
+
+
+def test_bad_version_string_is_rejected_before_anything(sandbox: Sandbox) -> None:
+    proc = sandbox.cli("upgrade", "--to-version", "v1.13.0;id", "--yes")
+    assert proc.returncode == 2
+    assert "bad version string 'v1.13.0;id'" in proc.stdout
+
+
+def test_stale_keadm_marker_is_cleared(sandbox: Sandbox) -> None:
+    marker = sandbox.root / "etc/kubeedge/idempotency_record"
+    marker.write_text("123")
+    os.utime(marker, (time.time() - 86400, time.time() - 86400))
+    rc, out = sandbox.upgrade("v1.13.0")
+    assert rc == 0, out
+    assert not marker.exists()
+
+
+def test_agent_lock_makes_a_second_job_wait(sandbox: Sandbox) -> None:
+    lock = sandbox.state_dir / "agent.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        rc, out = sandbox.upgrade("v1.13.0")
+    assert rc == 4 and "another job is running" in out["error"]
+
+
+@pytest.mark.parametrize("behaviour", ["fail", "fail-after-stop"])
+def test_keadm_failure_rolls_back(sandbox: Sandbox, behaviour: str) -> None:
+    sandbox.image("v1.14.0", keadm_behaviour=behaviour)
+    sandbox.configure(policy={"max_minor_skip": 5})
+    rc, out = sandbox.upgrade("v1.14.0")
+    job = out["job"]
+    assert (rc, job["state"]) == (1, "rolled_back"), job
+    assert "installer exited with code 1" in job["reason"]
+    assert sandbox.running_version() == "v1.12.1" and sandbox.edgecore_running()
+    assert sandbox.db.read_bytes() == backup_db(sandbox)
+    final = sandbox.final_reports(job["jobKey"])
+    assert len(final) == 1 and final[0]["result"] == "upgrade_failed_rollback_success"
+    assert "Error" in final[0]["logTail"]
+
+
+def test_keadm_hang_is_killed_with_its_process_group(sandbox: Sandbox) -> None:
+    sandbox.image("v1.13.0", keadm_behaviour="hang")
+    rc, out = sandbox.upgrade("v1.13.0", "--timeout", "2")
+    assert (rc, out["job"]["state"]) == (1, "rolled_back"), out
+    assert "timed out after 2s" in out["job"]["reason"]
+    staged = str(sandbox.state_dir / "staging/v1.13.0").encode()
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                 and _cmdline_has(p, staged)]
+    assert leftovers == []
+    assert sandbox.running_version() == "v1.12.1"
+
+
+def _cmdline_has(proc: Path, needle: bytes) -> bool:
+    try:
+        return needle in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_health_gate_failure_rolls_back_to_identical_data(sandbox: Sandbox) -> None:
+    sandbox.image("v1.13.0", edgecore_behaviour="crash")
+    rc, out = sandbox.upgrade("v1.13.0")
+    job = out["job"]
+    assert (rc, job["state"]) == (1, "rolled_back"), job
+    assert job["reason"].startswith("health: edgecore")
+    assert sandbox.running_version() == "v1.12.1" and sandbox.edgecore_running()
+    assert sandbox.db.read_bytes() == backup_db(sandbox)
+    assert [a["action"] for a in job["actionFlow"]][-2:] == ["Upgrade", "RollBack"]
+
+
+def test_keadm_that_forgets_to_restart_is_covered(sandbox: Sandbox) -> None:
+    sandbox.image("v1.13.0", keadm_behaviour="ok-no-restart")
+    rc, out = sandbox.upgrade("v1.13.0")
+    assert rc == 0, out
+    assert sandbox.edgecore_running() and sandbox.running_version() == "v1.13.0"
+
+
+def test_corrupted_backup_is_detected_before_restore(sandbox: Sandbox) -> None:
+    rc, _ = sandbox.upgrade("v1.13.0")
+    assert rc == 0
+    db = sandbox.root / "etc/kubeedge/backup/v1.12.1/edgecore.db"
+    data = bytearray(db.read_bytes())
+    data[5000] ^= 0xFF
+    db.write_bytes(bytes(data))
+    pid_before = sandbox.root.joinpath("run/edgecore.pid").read_text()
+    rc, out = sandbox.cli_json("rollback", "--yes")
+    assert (rc, out["job"]["state"]) == (3, "rollback_failed"), out
+    assert "edgecore.db is corrupted" in out["job"]["reason"]
+    # The running node was not touched: same process, same version.
+    assert sandbox.root.joinpath("run/edgecore.pid").read_text() == pid_before
+    assert sandbox.running_version() == "v1.13.0"
+
+
+def test_manual_rollback_restores_the_newest_backup(sandbox: Sandbox) -> None:
+    assert sandbox.upgrade("v1.13.0")[0] == 0
+    rc, out = sandbox.cli_json("rollback", "--yes")
+    assert (rc, out["job"]["state"]) == (0, "rolled_back"), out
+    assert sandbox.running_version() == "v1.12.1"
+    assert sandbox.db.read_bytes() == backup_db(sandbox)
+
+
+def test_custom_installer_template(sandbox: Sandbox) -> None:
+    keadm = "{keadm}"
+    sandbox.configure(installers={"site-tool": [keadm, "upgrade", "edge", "--force",
+                                                "--toVersion", "{to_version}",
+                                                "--config", "{config}"]})
+    rc, out = sandbox.upgrade("v1.13.0", "--upgrade-tool", "site-tool")
+    assert rc == 0, out
+    rc, out = sandbox.upgrade("v1.13.0", "--upgrade-tool", "nope")
+    assert rc == 2 and "unknown upgradeTool 'nope'" in out["error"]
+
+
+def _tree_hash(root: Path, skip: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_relative_to(skip) or path.name == "edgecore.pid":
+            continue
+        st = path.lstat()
+        h.update(f"{path.relative_to(root)}:{st.st_mode}:{st.st_size}".encode())
+        if path.is_file() and not path.is_symlink():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize(("version", "rc_expected", "verdict"),
+                         [("v1.13.0", 0, "GO"), ("v1.14.0", 5, "NO-GO")])
+def test_dry_run_changes_nothing_outside_state_dir(sandbox: Sandbox, version: str,
+                                                   rc_expected: int, verdict: str) -> None:
+    sandbox.cli("status")  # let the state dir exist, so only its contents may change
+    before = _tree_hash(sandbox.root, sandbox.state_dir)
+    rc, out = sandbox.upgrade(version, "--dry-run")
+    assert rc == rc_expected, out
+    plan = out["plan"]
+    assert plan["verdict"] == verdict
+    assert _tree_hash(sandbox.root, sandbox.state_dir) == before
+    if verdict == "GO":
+        assert plan["installerArgv"][1:3] == ["upgrade", "--upgradeID"]
+        assert plan["backupBytes"] > 0 and plan["freeBytes"] > plan["neededBytes"]
+        assert set(plan["pathsTouched"]) >= {"edgecoreBinary", "backupDir", "keadmMarker"}
+    report = sandbox.final_reports()[0]
+    assert report["rehearsal"] is True and report["plan"]["verdict"] == verdict
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("source", ["binary", "config", "metaserver", "record"])
+def test_version_detection_sources(tmp_path: Path, sandbox: Sandbox, source: str) -> None:
+    stop_edgecore(sandbox.root)
+    port = _free_port()
+    make_node(sandbox.root, "v1.12.1", version_flag=source == "binary",
+              config_version_field=source == "config",
+              metaserver_port=port if source == "metaserver" else None)
+    start_edgecore(sandbox.root)
+    if source == "metaserver":
+        sandbox.configure(health={"metaserver_url": f"http://127.0.0.1:{port}"})
+        wait_for(lambda: _port_open(port))
+    if source == "record":
+        sandbox.cli("status")
+        import sqlite3
+        with sqlite3.connect(sandbox.state_dir / "journal.db") as db:
+            db.execute("INSERT INTO meta(k, v) VALUES('edgecore_version', 'v1.12.1')")
+    rc, out = sandbox.cli_json("status")
+    assert (out["edgecoreVersion"], out["versionSource"]) == ("v1.12.1", source)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
