@@ -13,9 +13,11 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.adapters.service import pid_alive
 from agent.errors import InstallError
 
 TERM_GRACE_SECONDS = 5.0
@@ -81,7 +83,7 @@ def kill_installers(program: Path) -> int:
     Recovery never guesses that a keadm from before the crash finished: it
     stops it first, then rolls back.
     """
-    killed = 0
+    killed: list[int] = []
     target = str(program).encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -94,8 +96,13 @@ def kill_installers(program: Path) -> int:
             sid = os.getsid(int(entry.name)) if _exists(int(entry.name)) else 0
             if sid > 1 and sid != os.getsid(0):
                 _killpg(sid, signal.SIGKILL)
-                killed += 1
-    return killed
+                killed.append(int(entry.name))
+    # SIGKILL is asynchronous; callers then check that no keadm is left.
+    for _ in range(100):
+        if not any(pid_alive(pid) for pid in killed):
+            break
+        time.sleep(0.02)
+    return len(killed)
 
 
 def _exists(pid: int) -> bool:
