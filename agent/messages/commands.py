@@ -211,11 +211,16 @@ def parse_envelope(raw: bytes, config: Config, source: str) -> Command:
     )
 
 
+_JOB_NAME_PEEK = re.compile(rb'"jobName"\s*:\s*"([a-z0-9.-]{1,253})"')
+
+
 def peek_job_name(raw: bytes) -> str | None:
-    """Best effort: the job name of a rejected message, so the rejection can be reported."""
+    """Best effort: the job name of a rejected message, so the rejection can be reported.
+
+    Only the first KiB is searched: an oversized message is never parsed whole.
+    """
+    m = _JOB_NAME_PEEK.search(raw[:1024])
     try:
-        data = json.loads(raw)
-        name = data.get("jobName") if isinstance(data, dict) else None
-        return check_name("job name", name) if isinstance(name, str) else None
-    except (ValueError, InvalidCommand):
+        return check_name("job name", m[1].decode()) if m else None
+    except InvalidCommand:
         return None

@@ -1,0 +1,149 @@
+"""The daemon (`run`) with the spool transport: intake, reports, signals, restarts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, Sandbox, wait_for
+
+
+class Daemon:
+    def __init__(self, box: Sandbox, notify: Path) -> None:
+        self.box = box
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(notify))
+        self.sock.settimeout(30)
+        self.notify = notify
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--config", str(self.box.config), "run"],
+            cwd=REPO, env=self.box.env(NOTIFY_SOCKET=str(self.notify)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        assert self.wait_notify("READY=1")
+
+    def wait_notify(self, what: str) -> bool:
+        while True:
+            msg = self.sock.recv(4096).decode()
+            if what in msg:
+                return True
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    @property
+    def spool(self) -> Path:
+        return self.box.state_dir / "spool"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.box.state_dir / "reports"
+
+    def send(self, name: str, payload: bytes | dict[str, Any]) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        tmp = self.spool / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.rename(self.spool / f"{name}.json")
+
+    def reports(self, job_key: str) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(self.reports_dir.glob(f"{job_key}-*.json")):
+            out.append(json.loads(p.read_text()))
+        return out
+
+    def final(self, job_key: str) -> list[dict[str, Any]]:
+        return [r for r in self.reports(job_key) if r["final"]]
+
+
+@pytest.fixture
+def daemon(sandbox: Sandbox, tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(sandbox, tmp_path / "notify.sock")
+    d.start()
+    yield d
+    if d.proc and d.proc.poll() is None:
+        d.stop(signal.SIGKILL)
+    d.sock.close()
+
+
+def test_command_file_runs_to_a_final_report(daemon: Daemon, sandbox: Sandbox) -> None:
+    daemon.send("c1", {"jobName": "job-1", "version": "v1.13.0", "checkItems": ["disk"]})
+    wait_for(lambda: daemon.final("job-1"))
+    (final,) = daemon.final("job-1")
+    assert final["result"] == "upgrade_success" and final["phase"] == "succeeded"
+    assert sandbox.running_version() == "v1.13.0"
+    assert not list(daemon.spool.glob("*.json"))
+    wait_for(lambda: sandbox.reports() == [])  # outbox drained after delivery
+    # A duplicate of a finished job re-sends its final report and runs nothing.
+    daemon.send("c2", {"jobName": "job-1", "version": "v1.13.0"})
+    wait_for(lambda: len(daemon.final("job-1")) == 2)
+    again = daemon.final("job-1")[1]
+    assert again["sequence"] > final["sequence"] and again["result"] == final["result"]
+    assert daemon.stop() == 0
+
+
+BAD: list[tuple[str, bytes, str]] = [
+    ("bad-version", b'{"jobName": "bad-1", "version": "1.13"}', "bad version string"),
+    ("wrong-node", b'{"jobName": "bad-2", "version": "v1.13.0", "nodeName": "node-2"}',
+     "command is for node 'node-2'"),
+    ("bad-image", b'{"jobName": "bad-3", "version": "v1.13.0", "image": "x;rm -rf /"}',
+     "bad image reference"),
+    ("bad-op", b'{"jobName": "bad-4", "operation": "format-disk"}', "unknown operation"),
+    ("oversize", b'{"jobName": "bad-5", "pad": "' + b"x" * 70000 + b'"}', "exceeds the"),
+]
+
+
+def test_bad_inputs_are_reported_and_the_daemon_keeps_serving(daemon: Daemon) -> None:
+    for name, payload, _ in BAD:
+        daemon.send(name, payload)
+    for i in range(100):
+        daemon.send(f"garbage-{i:03d}", b"\x00\xff{not json" * (i % 7))
+    for i, (_, _, needle) in enumerate(BAD, 1):
+        key = f"rejected-bad-{i}"
+        wait_for(lambda key=key: daemon.final(key))  # type: ignore[misc]
+        (report,) = daemon.final(key)
+        assert report["phase"] == "rejected" and needle in report["reason"], report
+    daemon.send("good", {"jobName": "good-1", "version": "v1.13.0"})
+    wait_for(lambda: daemon.final("good-1"))
+    assert daemon.final("good-1")[0]["result"] == "upgrade_success"
+    assert not list(daemon.spool.glob("*.json"))
+
+
+def test_kill9_of_daemon_mid_install_then_restart(daemon: Daemon, sandbox: Sandbox) -> None:
+    sandbox.image("v1.13.0", keadm_behaviour="hang")
+    daemon.send("c1", {"jobName": "job-k", "version": "v1.13.0", "timeoutSeconds": 600})
+    marker = sandbox.root / "etc/kubeedge/idempotency_record"
+    wait_for(lambda: marker.exists())
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    daemon.start()
+    wait_for(lambda: daemon.final("job-k"))
+    (final,) = daemon.final("job-k")
+    assert final["phase"] == "rolled_back"
+    assert "agent restarted during install" in final["reason"]
+    assert sandbox.running_version() == "v1.12.1"
+    assert not marker.exists()
+
+
+def test_sigterm_mid_job_resumes_per_recovery_table(daemon: Daemon, sandbox: Sandbox) -> None:
+    """`systemctl stop` during a job, then start: verifying is re-checked, not redone."""
+    sandbox.configure(health={"grace_seconds": 2})
+    daemon.send("c1", {"jobName": "job-s", "version": "v1.13.0"})
+    wait_for(lambda: any(r["phase"] == "verifying" for r in daemon.reports("job-s"))
+             or any(r["phase"] == "verifying" for r in sandbox.reports()))
+    assert daemon.stop() == 0
+    daemon.start()
+    wait_for(lambda: daemon.final("job-s"))
+    (final,) = daemon.final("job-s")
+    assert final["phase"] == "succeeded", final
+    assert sandbox.running_version() == "v1.13.0"
