@@ -142,9 +142,13 @@ class Runner:
         if cmd.operation == Operation.ROLLBACK:
             return await self._manual_rollback(job)
         try:
-            check_marker(self.node.keadm_marker, cmd.timeout_seconds, clear_stale=True)
+            marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds, clear_stale=True)
         except Busy as exc:
             return self.advance(job, State.FAILED, exc.reason, action=(Action.CHECK, False))
+        if marker.stale:
+            log.warning("cleared a stale keadm marker", age_s=round(marker.age_seconds))
+            job = self.advance(job, job.state, f"cleared a stale keadm marker "
+                               f"({self.node.keadm_marker.name}, {marker.describe()})")
         detected = await self.node.probe.detect()
         if detected is not None and detected.version == cmd.target:
             # Decided before the image is looked at: a skip needs no package.

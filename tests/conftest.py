@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from standins import edgecore_pid, make_image_dir, make_node, start_edgecore, stop_edgecore
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Sandbox, wait_for
-
 from standins import edgecore_pid
 
 OLD, NEW = "v1.12.1", "v1.13.0"
@@ -41,7 +40,7 @@ def assert_consistent(box: Sandbox, state: str) -> None:
 
 
 def recover_and_check(box: Sandbox, expected: str) -> None:
-    rc, out = box.cli_json("recover")
+    _rc, out = box.cli_json("recover")
     history = box.cli_json("history")[1]["jobs"]
     assert len(history) == 1, history
     job = history[0]
@@ -136,3 +135,18 @@ def _procs_with(needle: bytes) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def test_loop_breaker_caps_reentries(sandbox: Sandbox) -> None:
+    """A state that crashes the agent every time is given up on, not retried forever."""
+    sandbox.configure(policy={"max_state_entries": 2})
+    env = sandbox.env(EDGE_UPGRADE_AGENT_FAULT="backup:partial")
+    proc = sandbox.cli("upgrade", "--to-version", NEW, "--yes", env=env)
+    assert proc.returncode == -signal.SIGKILL
+    # Entered once by the job, once more by the first recovery: both crash.
+    assert sandbox.cli("recover", env=env).returncode == -signal.SIGKILL
+    _rc, out = sandbox.cli_json("recover", env=env)
+    (job,) = out["jobs"]
+    assert job["state"] == "failed" and "loop breaker: state image_ready entered 3" in job["reason"]
+    assert sandbox.running_version() == OLD and sandbox.edgecore_running()
+    assert len(sandbox.final_reports(job["jobKey"])) == 1

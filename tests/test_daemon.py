@@ -124,7 +124,7 @@ def test_kill9_of_daemon_mid_install_then_restart(daemon: Daemon, sandbox: Sandb
     sandbox.image("v1.13.0", keadm_behaviour="hang")
     daemon.send("c1", {"jobName": "job-k", "version": "v1.13.0", "timeoutSeconds": 600})
     marker = sandbox.root / "etc/kubeedge/idempotency_record"
-    wait_for(lambda: marker.exists())
+    wait_for(marker.exists)
     assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
     daemon.start()
     wait_for(lambda: daemon.final("job-k"))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from conftest import Sandbox, wait_for
-
 from standins import make_node, start_edgecore, stop_edgecore
 
 
@@ -39,9 +38,10 @@ def test_successful_upgrade(sandbox: Sandbox) -> None:
     assert len(finals) == 1 and finals[0]["result"] == "upgrade_success"
     seqs = [r["sequence"] for r in sandbox.reports() if r["jobKey"] == job["jobKey"]]
     assert seqs == sorted(set(seqs))
-    # Era A keadm argv, as KubeEdge v1.12–v1.15 edgehub ran it, but without a shell.
+    # Era A keadm argv, as KubeEdge v1.12-v1.15 edgehub ran it, but without a shell.
     argv = installer_argv(sandbox, job["jobKey"])
-    assert " upgrade --upgradeID " in argv and "--image kubeedge/installation-package:v1.13.0" in argv
+    assert " upgrade --upgradeID " in argv
+    assert "--image kubeedge/installation-package:v1.13.0" in argv
     assert not (sandbox.root / "etc/kubeedge/idempotency_record").exists()
 
 
@@ -111,6 +111,9 @@ def test_stale_keadm_marker_is_cleared(sandbox: Sandbox) -> None:
     rc, out = sandbox.upgrade("v1.13.0")
     assert rc == 0, out
     assert not marker.exists()
+    reasons = [r["reason"] for r in sandbox.reports()]
+    stale = "cleared a stale keadm marker (idempotency_record, stale"
+    assert any(r.startswith(stale) for r in reasons)
 
 
 def test_agent_lock_makes_a_second_job_wait(sandbox: Sandbox) -> None:
@@ -262,7 +265,7 @@ def test_version_detection_sources(tmp_path: Path, sandbox: Sandbox, source: str
         import sqlite3
         with sqlite3.connect(sandbox.state_dir / "journal.db") as db:
             db.execute("INSERT INTO meta(k, v) VALUES('edgecore_version', 'v1.12.1')")
-    rc, out = sandbox.cli_json("status")
+    _rc, out = sandbox.cli_json("status")
     assert (out["edgecoreVersion"], out["versionSource"]) == ("v1.12.1", source)
 
 
