@@ -73,6 +73,12 @@ class Output:
         else:
             print(text)
 
+    def error(self, exc: AgentError) -> None:
+        if self.json:
+            print(json.dumps({"error": exc.reason, "errorType": type(exc).__name__}))
+        else:
+            print(f"error: {exc.reason}", file=sys.stderr)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-upgrade-agent", description=__doc__.split("\n")[0])
@@ -240,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             node.close()
     except AgentError as exc:
-        out.emit({"error": exc.reason, "errorType": type(exc).__name__},
-                 f"error: {exc.reason}")
+        out.error(exc)
         return exc.exit_code if type(exc) is not AgentError else EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -108,6 +108,9 @@ class _Section:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{where or 'config'}: expected a mapping")
+        for key in data:
+            if not isinstance(key, str):
+                raise ConfigError(f"{where or 'config'}: key {key!r} is not a string")
         self.data: dict[str, Any] = data
         self.where = where
         self.used: set[str] = set()
@@ -126,6 +129,12 @@ class _Section:
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
             raise ConfigError(f"{self.key(name)}: expected {names}, got {value!r}")
         return value
+
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        value = self.get(name, int, default)
+        if not lo <= value <= hi:
+            raise ConfigError(f"{self.key(name)}: {value} is outside {lo}..{hi}")
+        return int(value)
 
     def number(self, name: str, default: float, lo: float, hi: float) -> float:
         value = float(self.get(name, (int, float), default))
@@ -160,7 +169,7 @@ def parse_config(data: Any) -> Config:
     node_name = top.get("node_name", str, None)
     if node_name is None:
         node_name = os.uname().nodename.lower()
-    if not NAME_RE.match(node_name):
+    if not NAME_RE.fullmatch(node_name):
         raise ConfigError(f"node_name: {node_name!r} is not a DNS-1123 name")
 
     p = top.section("paths")
@@ -186,8 +195,8 @@ def parse_config(data: Any) -> Config:
     if max_skip is not None and max_skip < 0:
         raise ConfigError("policy.max_minor_skip: must be 0 or more")
     policy = VersionPolicy(pol.get("allow_downgrade", bool, False), max_skip)
-    timeout = int(pol.number("default_timeout_seconds", 300, 1, 86400))
-    max_entries = int(pol.number("max_state_entries", 5, 1, 100))
+    timeout = pol.integer("default_timeout_seconds", 300, 1, 86400)
+    max_entries = pol.integer("max_state_entries", 5, 1, 100)
     pol.done()
 
     pc = top.section("precheck")
@@ -195,7 +204,7 @@ def parse_config(data: Any) -> Config:
         pc.number("cpu_max_percent", 80, 0, 100),
         pc.number("mem_max_percent", 80, 0, 100),
         pc.number("disk_max_percent", 80, 0, 100),
-        int(pc.number("reserve_bytes", Precheck.reserve_bytes, 0, 2**50)),
+        pc.integer("reserve_bytes", Precheck.reserve_bytes, 0, 2**50),
     )
     pc.done()
 
@@ -209,7 +218,7 @@ def parse_config(data: Any) -> Config:
     h.done()
 
     b = top.section("backup")
-    keep = int(b.number("keep", 3, 1, 100))
+    keep = b.integer("keep", 3, 1, 100)
     b.done()
 
     im = top.section("images")
@@ -233,7 +242,7 @@ def parse_config(data: Any) -> Config:
         t.choice("kind", "spool", ("spool",)),
         t.path("spool_dir", None),
         t.path("outbox_dir", None),
-        int(t.number("max_message_bytes", 64 * 1024, 256, 16 * 1024 * 1024)),
+        t.integer("max_message_bytes", 64 * 1024, 256, 16 * 1024 * 1024),
         t.number("poll_interval_seconds", 0.5, 0.01, 60),
     )
     t.done()
@@ -263,7 +272,7 @@ def parse_config(data: Any) -> Config:
 def _installer(section: _Section, name: str) -> tuple[str, ...]:
     argv = section.get(name, list, None)
     where = section.key(name)
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: installer names are DNS-1123 names")
     if not argv or not all(isinstance(a, str) for a in argv):
         raise ConfigError(f"{where}: expected a non-empty list of strings (an argv template)")
@@ -285,6 +294,8 @@ def load_config(path: Path, root: Path | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -17,7 +17,7 @@ import structlog
 
 from agent import __version__
 from agent.config import Config
-from agent.errors import AgentError, Busy, InvalidCommand
+from agent.errors import AgentError, Busy, InvalidCommand, JournalError
 from agent.messages.commands import Command, Operation, parse_envelope, peek_job_name
 from agent.messages.reports import build_report
 from agent.node import Node, build_node
@@ -41,7 +41,17 @@ class Daemon:
 
     async def intake(self) -> None:
         async for msg in self.transport.commands():
-            self.accept(msg)
+            try:
+                self.accept(msg)
+            except JournalError as exc:
+                # Not journalled, so not acked: the transport delivers it again.
+                log.error("journal write failed; command kept for retry", error=exc.reason)
+                await asyncio.sleep(BUSY_RETRY_SECONDS)
+                continue
+            except Exception:
+                # A bug must not stop intake or make one message a poison pill.
+                log.exception("unexpected error handling a command; dropped",
+                              source=msg.source)
             # The command is journalled (or its rejection is), so it may leave the transport.
             await msg.ack()
 
@@ -86,6 +96,15 @@ class Daemon:
                 log.info("waiting for the lock", job=key, reason=exc.reason)
                 await asyncio.sleep(BUSY_RETRY_SECONDS)
                 self.queue.put_nowait(key)
+            except Exception as exc:
+                # A bug in a step: treat it like a crash of that step, so the
+                # recovery table and the loop breaker apply, and keep serving.
+                log.exception("job handler failed", job=key)
+                current = self.node.journal.get(key)
+                if current is not None and not current.terminal:
+                    self.runner.resume(current, f"internal error {type(exc).__name__}")
+                    await asyncio.sleep(BUSY_RETRY_SECONDS)
+                    self.queue.put_nowait(key)
             self.reports_pending.set()
 
     async def reporter(self) -> None:

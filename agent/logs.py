@@ -15,12 +15,13 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+import structlog.tracebacks
 
 SECRET_KEYS = re.compile(r"pass(word)?|secret|token|auth(orization|_config)?|credential|"
-                         r"private_?key", re.IGNORECASE)
+                         r"private[_-]?key|api[_-]?key", re.IGNORECASE)
 PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
                  re.DOTALL)
-URL_CREDS = re.compile(r"(://[^/\s:@]+):[^/\s@]+@")
+URL_CREDS = re.compile(r"(://[^/\s:@]*):[^/\s@]+@")
 REDACTED = "[REDACTED]"
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 
@@ -66,7 +67,9 @@ def setup_logging(level: str = "info", *, json_output: bool | None = None) -> No
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
+            # No frame locals: their reprs would carry secrets past the redactor.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
             redact_secrets,  # after tracebacks: exception text can carry secrets too
             renderer,
         ],

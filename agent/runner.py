@@ -119,21 +119,23 @@ class Runner:
 
     def recover(self) -> list[Job]:
         """Apply the recovery table to every job a crash left non-terminal."""
-        resumed = []
-        for stale in reversed(self.node.journal.jobs(active_only=True)):
-            job = stale
-            if job.state == State.INSTALLING:
-                # Never guess that keadm finished: stop whatever is left and roll back.
-                job = self.advance(job, State.ROLLING_BACK,
-                                   "agent restarted during install; rolling back",
-                                   action=(Action.UPGRADE, False))
-            elif job.state != State.AWAITING_CONFIRMATION:
-                job = self.advance(job, job.state, f"resumed in {job.state.value} after restart")
-            resumed.append(job)
+        resumed = [self.resume(job, "agent restarted")
+                   for job in reversed(self.node.journal.jobs(active_only=True))]
         for job in self.node.journal.jobs(limit=20):
             if job.terminal and not job.final_reported:
                 self.node.journal.save(job, build_report(job))
         return resumed
+
+    def resume(self, job: Job, why: str) -> Job:
+        """Re-enter ``job`` after an interruption, per the recovery table."""
+        if job.state == State.INSTALLING:
+            # Never guess that keadm finished: stop whatever is left and roll back.
+            return self.advance(job, State.ROLLING_BACK, f"{why} during install; rolling back",
+                                action=(Action.UPGRADE, False))
+        if job.state == State.AWAITING_CONFIRMATION:
+            return job
+        # The re-entry is journalled, so the loop breaker sees repeated interruptions.
+        return self.advance(job, job.state, f"resumed in {job.state.value}: {why}")
 
     # -- handlers -----------------------------------------------------------
 

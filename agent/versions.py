@@ -7,6 +7,7 @@ first: KubeEdge's CVE-2026-62371 came from passing ``spec.version`` and
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -17,7 +18,10 @@ VERSION_RE = re.compile(r"^v(\d{1,4})\.(\d{1,4})\.(\d{1,4})(?:-([0-9A-Za-z.-]{1,
 # DNS-1123 subdomain, as Kubernetes names NodeUpgradeJobs and nodes.
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
 _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
-_HOST = rf"(?:{_LABEL})(?:\.{_LABEL})*(?::\d{{1,5}})?"
+# Like Docker: the first component is a registry host only if it has a dot or
+# a port, or is localhost; anything else is a (lowercase) path component.
+_HOST = (rf"(?:{_LABEL}(?:\.{_LABEL})+(?::\d{{1,5}})?|{_LABEL}:\d{{1,5}}"
+         r"|localhost(?::\d{1,5})?)")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_RE = re.compile(
     rf"^(?:(?P<host>{_HOST})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
@@ -28,17 +32,32 @@ DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 KUBELET_VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+-kubeedge-(v\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)$")
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class Version:
     major: int
     minor: int
     patch: int
-    # Pre-releases sort before the release, like semver; "~" sorts last.
-    pre: str = "~"
+    pre: str = "~"  # "~" marks a release (no pre-release suffix)
+
+    def _key(self) -> tuple[int, int, int, tuple[tuple[int, int, str], ...]]:
+        # Semver precedence: a release sorts after its pre-releases; numeric
+        # identifiers compare as numbers (rc.10 > rc.2) and before alphanumeric ones.
+        if self.pre == "~":
+            pre: tuple[tuple[int, int, str], ...] = ((2, 0, ""),)
+        else:
+            pre = tuple((0, int(p), "") if p.isdigit() else (1, 0, p)
+                        for p in self.pre.split("."))
+        return (self.major, self.minor, self.patch, pre)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Version):
+            return NotImplemented
+        return self._key() < other._key()
 
     @classmethod
     def parse(cls, text: str) -> Version:
-        m = VERSION_RE.match(text.strip()) if isinstance(text, str) else None
+        m = VERSION_RE.fullmatch(text) if isinstance(text, str) else None
         if m is None:
             raise InvalidCommand(
                 f"bad version string {text!r}: expected vMAJOR.MINOR.PATCH[-suffix], e.g. v1.13.0"
@@ -52,12 +71,12 @@ class Version:
 
 def version_from_kubelet(kubelet_version: str) -> Version | None:
     """``v1.22.17-kubeedge-v1.12.1`` → ``v1.12.1`` (the suffix keadm reads)."""
-    m = KUBELET_VERSION_RE.match(kubelet_version.strip())
+    m = KUBELET_VERSION_RE.fullmatch(kubelet_version.strip())
     return Version.parse(m[1]) if m else None
 
 
 def check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or len(value) > 253 or not NAME_RE.match(value):
+    if not isinstance(value, str) or len(value) > 253 or not NAME_RE.fullmatch(value):
         raise InvalidCommand(f"bad {kind} {value!r}: expected a lowercase DNS-1123 name")
     return value
 
@@ -90,7 +109,7 @@ class ImageRef:
 
 
 def parse_image(text: str) -> ImageRef:
-    if not isinstance(text, str) or len(text) > 512 or not (m := IMAGE_RE.match(text)):
+    if not isinstance(text, str) or len(text) > 512 or not (m := IMAGE_RE.fullmatch(text)):
         raise InvalidCommand(
             f"bad image reference {text!r}: expected [registry[:port]/]path[:tag][@sha256:…]"
         )
@@ -99,7 +118,7 @@ def parse_image(text: str) -> ImageRef:
 
 
 def check_digest(text: str) -> str:
-    if not isinstance(text, str) or not DIGEST_RE.match(text):
+    if not isinstance(text, str) or not DIGEST_RE.fullmatch(text):
         raise InvalidCommand(f"bad image digest {text!r}: expected sha256:<64 hex>")
     return text
 

@@ -101,7 +101,7 @@ def test_precheck_failures_leave_node_untouched(sandbox: Sandbox, setup: str, ar
 def test_bad_version_string_is_rejected_before_anything(sandbox: Sandbox) -> None:
     proc = sandbox.cli("upgrade", "--to-version", "v1.13.0;id", "--yes")
     assert proc.returncode == 2
-    assert "bad version string 'v1.13.0;id'" in proc.stdout
+    assert "bad version string 'v1.13.0;id'" in proc.stderr
 
 
 def test_stale_keadm_marker_is_cleared(sandbox: Sandbox) -> None:

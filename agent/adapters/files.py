@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def copy_hashed(src: Path, dst: Path, mode: int | None = None) -> FileDigest:
     with src.open("rb", buffering=0) as fin, dst.open("wb", buffering=0) as fout:
         while n := fin.readinto(buf):
             h.update(view[:n])
-            fout.write(view[:n])
+            done = 0
+            while done < n:  # raw writes may be short (e.g. a filling disk)
+                done += fout.write(view[done:n]) or 0
             size += n
         os.fchmod(fout.fileno(), src_mode if mode is None else mode)
         os.fsync(fout.fileno())
@@ -75,7 +78,9 @@ def atomic_install(src: Path, dst: Path, mode: int | None = None) -> FileDigest:
 
 def sqlite_backup(src: Path, dst: Path) -> FileDigest:
     """A consistent copy of a live SQLite DB via the online backup API."""
-    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30)
+    # Percent-encode: a '#' or '?' in the path would otherwise end it early.
+    source = sqlite3.connect(f"file:{urllib.parse.quote(str(src))}?mode=ro", uri=True,
+                             timeout=30)
     try:
         target = sqlite3.connect(dst)
         try:

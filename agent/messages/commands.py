@@ -132,7 +132,7 @@ def build_command(
             raise InvalidCommand(f"unknown checkItem {item!r}: expected one of cpu, mem, disk")
     if upgrade_tool not in ("", "keadm") and config.installer(upgrade_tool) is None:
         raise InvalidCommand(f"unknown upgradeTool {upgrade_tool!r}: not in the installers config")
-    if history_id and not HISTORY_ID_RE.match(history_id):
+    if history_id and not HISTORY_ID_RE.fullmatch(history_id):
         raise InvalidCommand(f"bad historyID {history_id!r}")
     return Command(
         operation=operation,
@@ -175,8 +175,10 @@ def parse_envelope(raw: bytes, config: Config, source: str) -> Command:
         raise InvalidCommand(f"message of {len(raw)} bytes exceeds the {limit}-byte cap")
     try:
         data: Any = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidCommand(f"malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and over-long integers;
+        # RecursionError a deeply nested document well under the size cap.
+        raise InvalidCommand(f"malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise InvalidCommand("command must be a JSON object")
     for key, value in data.items():

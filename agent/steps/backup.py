@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,13 @@ def make_backup(backup_root: Path, version: str, files: EdgecoreFiles) -> Manife
             digest = sqlite_backup(src, dst) if kind == "db" else copy_hashed(src, dst)
             entries.append(BackupEntry(NAMES[kind], str(src), digest))
             fault_point("backup:partial")
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
         raise BackupError(f"backup to {partial} failed: {exc}") from None
-    manifest = Manifest(version, time.time(), tuple(entries))
+    except BackupError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    manifest = Manifest(version, time.time(), tuple(sorted(entries, key=lambda e: e.name)))
     _write_manifest(partial / MANIFEST, manifest)
     fsync_dir(partial)
     old = backup_root / f"{version}.old"
@@ -111,7 +116,7 @@ def load_manifest(directory: Path) -> Manifest:
         return Manifest(str(data["version"]), float(data["createdAt"]), entries)
     except FileNotFoundError:
         raise BackupError(f"no backup at {directory} (manifest.json missing)") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BackupError(f"backup manifest in {directory} is unreadable: {exc}") from None
 
 
