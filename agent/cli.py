@@ -7,6 +7,7 @@ Exit codes (docs/operations.md):
   3  rollback failed: the node needs an operator
   4  busy: another job or keadm holds the lock
   5  refused by precheck or policy; dry-run NO-GO
+  6  the agent's journal is unusable
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from agent.messages.commands import Operation, build_command, new_job_name
 from agent.node import Node, build_node
 from agent.plan import GO, SKIP, make_plan
 from agent.runner import Runner
-from agent.states import Action, State
+from agent.states import State
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ROLLBACK_FAILED, EXIT_BUSY, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
+
+
+# Most serious first: `recover` reports the worst outcome of all its jobs.
+SEVERITY = (3, 6, 1, 5, 4, 2, 0)
 
 
 def job_exit_code(job: Job) -> int:
@@ -43,7 +48,10 @@ def job_exit_code(job: Job) -> int:
         return EXIT_ROLLBACK_FAILED
     if job.state == State.REJECTED:
         return EXIT_USAGE
-    if job.command.dry_run or (job.actions and job.actions[-1].action == Action.CHECK):
+    refusal = job.note("refusal")
+    if refusal == "busy":
+        return EXIT_BUSY
+    if job.command.dry_run or refusal == "precheck":
         return EXIT_REFUSED
     return EXIT_FAILED
 
@@ -105,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--image")
     ck.add_argument("--check-items", default="cpu,mem,disk")
     sub.add_parser("recover", help="finish or roll back any job a crash left behind")
+    cf = sub.add_parser("confirm", help="release a job waiting for confirmation")
+    cf.add_argument("job_key")
     sub.add_parser("status", help="edgecore version, service, current job, locks")
     hi = sub.add_parser("history", help="past jobs")
     hi.add_argument("--limit", type=int, default=20)
@@ -175,11 +185,22 @@ async def _check(node: Node, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK if ok or plan.verdict == SKIP else EXIT_REFUSED
 
 
+async def _confirm_job(node: Node, key: str, out: Output) -> int:
+    runner = Runner(node)
+    with node.lock:
+        job = node.journal.get(key)
+        if job is None:
+            raise AgentError(f"no job {key!r} in the journal")
+        job = await runner.run(runner.confirm(job))
+    out.emit({"job": job_dict(job)}, f"{job.state.value}: {job.reason}")
+    return job_exit_code(job)
+
+
 async def _recover(node: Node, out: Output) -> int:
     jobs = await recover_all(node, Runner(node))
     text = "\n".join(f"{j.key}: {j.state.value}: {j.reason}" for j in jobs)
     out.emit({"jobs": [job_dict(j) for j in jobs]}, text or "nothing to recover")
-    return max((job_exit_code(j) for j in jobs), default=EXIT_OK)
+    return min((job_exit_code(j) for j in jobs), key=SEVERITY.index, default=EXIT_OK)
 
 
 async def _status(node: Node, out: Output) -> int:
@@ -238,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_rollback(node, args, out))
             if args.cmd == "check":
                 return asyncio.run(_check(node, args, out))
+            if args.cmd == "confirm":
+                return asyncio.run(_confirm_job(node, args.job_key, out))
             if args.cmd == "recover":
                 return asyncio.run(_recover(node, out))
             if args.cmd == "status":

@@ -223,14 +223,17 @@ def parse_config(data: Any) -> Config:
 
     im = top.section("images")
     images = Images(
-        im.choice("backend", "local", ("local", "docker")),
+        im.choice("backend", "local", ("local",)),  # docker: issue 4
         im.get("default_repo", str, Images.default_repo),
         im.path("local_dir", Images.local_dir),
     )
     try:
-        parse_image(images.default_repo)
+        ref = parse_image(images.default_repo)
     except InvalidCommand as exc:
         raise ConfigError(f"images.default_repo: {exc.reason}") from None
+    if ref.tag or ref.digest:
+        # The version picks the tag; a digest here would pin every job to one build.
+        raise ConfigError("images.default_repo: give the repository only, no tag or digest")
     im.done()
 
     ins = top.section("installers")
@@ -274,6 +277,8 @@ def _installer(section: _Section, name: str) -> tuple[str, ...]:
     where = section.key(name)
     if not NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: installer names are DNS-1123 names")
+    if name == "keadm":
+        raise ConfigError(f"{where}: 'keadm' is the built-in installer; choose another name")
     if not argv or not all(isinstance(a, str) for a in argv):
         raise ConfigError(f"{where}: expected a non-empty list of strings (an argv template)")
     if not argv[0].startswith(("/", "{keadm}")):

@@ -18,8 +18,8 @@ import structlog
 from agent import __version__
 from agent.config import Config
 from agent.errors import AgentError, Busy, InvalidCommand, JournalError
+from agent.execute import rehearse
 from agent.messages.commands import Command, Operation, parse_envelope, peek_job_name
-from agent.messages.reports import build_report
 from agent.node import Node, build_node
 from agent.runner import Runner
 from agent.systemd_notify import sd_notify, watchdog_interval
@@ -36,7 +36,8 @@ class Daemon:
         self.node = node
         self.runner = Runner(node)
         self.transport = transport
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        # Job keys to run, or commands to rehearse (dry runs need no lock).
+        self.queue: asyncio.Queue[str | Command] = asyncio.Queue()
         self.reports_pending = asyncio.Event()
 
     async def intake(self) -> None:
@@ -48,10 +49,10 @@ class Daemon:
                 log.error("journal write failed; command kept for retry", error=exc.reason)
                 await asyncio.sleep(BUSY_RETRY_SECONDS)
                 continue
-            except Exception:
+            except Exception as exc:
                 # A bug must not stop intake or make one message a poison pill.
-                log.exception("unexpected error handling a command; dropped",
-                              source=msg.source)
+                log.exception("unexpected error handling a command", source=msg.source)
+                self._reject(msg, f"internal error: {type(exc).__name__}")
             # The command is journalled (or its rejection is), so it may leave the transport.
             await msg.ack()
 
@@ -62,16 +63,32 @@ class Daemon:
         except InvalidCommand as exc:
             self._reject(msg, exc.reason)
             return
+        if cmd.operation == Operation.CONFIRM:
+            self._confirm(cmd)
+            return
+        if cmd.dry_run or cmd.operation == Operation.CHECK:
+            self.queue.put_nowait(replace(cmd, dry_run=True))
+            return
         job, new = self.runner.submit(cmd)
         if new:
             self.queue.put_nowait(job.key)
         elif job.terminal:
-            # A duplicate of a finished job re-sends its final report.
-            self.node.journal.save(replace(job, seq=job.seq + 1), build_report(
-                replace(job, seq=job.seq + 1)))
+            self.runner.resend_final(job)
         else:
             log.info("duplicate command ignored while its job runs", job=job.key)
         self.reports_pending.set()
+
+    def _confirm(self, cmd: Command) -> None:
+        job = self.node.journal.get(cmd.key)
+        if job is None:
+            log.warning("confirm for an unknown job ignored", job=cmd.key)
+            return
+        try:
+            self.runner.confirm(job)
+        except Busy as exc:
+            log.warning("confirm ignored", job=cmd.key, reason=exc.reason)
+            return
+        self.queue.put_nowait(job.key)
 
     def _reject(self, msg: Inbound, reason: str) -> None:
         name = peek_job_name(msg.payload)
@@ -85,7 +102,13 @@ class Daemon:
 
     async def worker(self) -> None:
         while True:
-            key = await self.queue.get()
+            item = await self.queue.get()
+            if isinstance(item, Command):
+                if self.node.journal.get(item.key) is None:
+                    await rehearse(self.node, item)
+                    self.reports_pending.set()
+                continue
+            key = item
             job = self.node.journal.get(key)
             if job is None or job.terminal:
                 continue

@@ -20,7 +20,7 @@ never contains credentials). The tree decides what the runner does::
     │       ├── HealthCheckFailed  the new edgecore is not healthy: roll back
     │       ├── BackupError    backup missing, incomplete or corrupted
     │       └── RollbackError  the old version could not be restored
-    └── JournalError           the state database is unusable
+    └── JournalError           the state database is unusable (exit 6)
 """
 
 from __future__ import annotations
@@ -81,4 +81,4 @@ class RollbackError(FatalError):
 
 
 class JournalError(AgentError):
-    pass
+    exit_code = 6

@@ -36,7 +36,7 @@ async def execute(node: Node, runner: Runner, cmd: Command) -> Job:
     starts on a half-upgraded node.
     """
     with node.lock:
-        for job in runner.recover():
+        for job in runner.recover("found unfinished before a new job"):
             await runner.run(job)
         job, new = runner.submit(cmd)
         if not new:

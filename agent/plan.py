@@ -87,7 +87,7 @@ async def make_plan(node: Node, cmd: Command) -> Plan:
         f"image: pull {ref}, extract {KEADM} and {EDGECORE} into {staging}",
         f"backup: {', '.join(str(p) for p in files.all())} -> {backup_dir}",
         f"install: {installer}, timeout {cmd.timeout_seconds}s",
-        f"verify: {node.config.edgecore_unit} active and stable for "
+        f"verify: edgecore ({_service_name(node)}) active and stable for "
         f"{node.config.health.grace_seconds:g}s at {cmd.target}",
         "rollback on any failure after install: restore the backup, restart, re-verify",
     )
@@ -112,3 +112,9 @@ async def make_plan(node: Node, cmd: Command) -> Plan:
             "stateDir": str(node.state_dir),
         },
     )
+
+
+def _service_name(node: Node) -> str:
+    if node.config.service_manager == "systemd":
+        return f"unit {node.config.edgecore_unit}"
+    return "process manager"

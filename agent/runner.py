@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +26,9 @@ from agent.locks import check_marker, keadm_pids
 from agent.messages.commands import Command, Operation
 from agent.messages.reports import build_report
 from agent.node import RECORD_KEY, Node
+from agent.retry import retry_transient
 from agent.states import NODE_TOUCHED, Action, State
-from agent.steps.backup import make_backup, prune_backups
+from agent.steps.backup import list_backups, make_backup, prune_backups
 from agent.steps.image import stage_image
 from agent.steps.install import kill_installers, log_tail, run_installer
 from agent.steps.precheck import run_prechecks
@@ -117,14 +119,19 @@ class Runner:
             return self.advance(job, State.ROLLING_BACK, reason, action=(Action.UPGRADE, False))
         return self.advance(job, State.FAILED, reason)
 
-    def recover(self) -> list[Job]:
-        """Apply the recovery table to every job a crash left non-terminal."""
-        resumed = [self.resume(job, "agent restarted")
-                   for job in reversed(self.node.journal.jobs(active_only=True))]
-        for job in self.node.journal.jobs(limit=20):
-            if job.terminal and not job.final_reported:
-                self.node.journal.save(job, build_report(job))
-        return resumed
+    def recover(self, why: str = "agent restarted") -> list[Job]:
+        """Apply the recovery table to every job a crash left non-terminal.
+
+        Terminal jobs need nothing: a final state and its report are one
+        transaction, so neither exists without the other.
+        """
+        return [self.resume(job, why)
+                for job in reversed(self.node.journal.jobs(active_only=True, limit=10000))]
+
+    def resend_final(self, job: Job) -> Job:
+        """Queue the final report of a finished job again (a duplicate command asked)."""
+        job = replace(job, seq=job.seq + 1)
+        return self.node.journal.save(job, build_report(job, log_tail=self._tail(job)))
 
     def resume(self, job: Job, why: str) -> Job:
         """Re-enter ``job`` after an interruption, per the recovery table."""
@@ -146,7 +153,8 @@ class Runner:
         try:
             marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds, clear_stale=True)
         except Busy as exc:
-            return self.advance(job, State.FAILED, exc.reason, action=(Action.CHECK, False))
+            return self.advance(job, State.FAILED, exc.reason, action=(Action.CHECK, False),
+                                notes={"refusal": "busy"})
         if marker.stale:
             log.warning("cleared a stale keadm marker", age_s=round(marker.age_seconds))
             job = self.advance(job, job.state, f"cleared a stale keadm marker "
@@ -161,13 +169,13 @@ class Runner:
             image_bytes = info.size
         except AgentError as exc:
             return self.advance(job, State.FAILED, f"image: {exc.reason}",
-                                action=(Action.CHECK, False))
+                                action=(Action.CHECK, False), notes={"refusal": "precheck"})
         report = await run_prechecks(self.node, cmd, image_bytes=image_bytes, lock_held=True)
         from_version = str(report.detected.version) if report.detected else None
         job = replace(job, from_version=from_version)
         if not report.ok:
             return self.advance(job, State.FAILED, PrecheckFailed(report.failures()).reason,
-                                action=(Action.CHECK, False))
+                                action=(Action.CHECK, False), notes={"refusal": "precheck"})
         return self.advance(job, State.PRECHECKED, "prechecks passed")
 
     async def _prechecked(self, job: Job) -> Job:
@@ -209,8 +217,10 @@ class Runner:
 
     async def _backed_up(self, job: Job) -> Job:
         log_path = self.node.log_path(job.key)
+        # Noted before the installer starts: recovery uses them to find and stop it.
         return self.advance(job, State.INSTALLING, "running installer",
-                            notes={"log": str(log_path)})
+                            notes={"log": str(log_path), "installer": self._install_argv(job)[0],
+                                   "install_started": f"{time.time():.3f}"})
 
     def _install_argv(self, job: Job) -> list[str]:
         cmd = job.command
@@ -238,7 +248,7 @@ class Runner:
             if result.returncode != 0:
                 raise InstallError(f"installer exited with code {result.returncode}")
             # keadm may swap the binary without restarting it (KubeEdge #4993).
-            await self.node.service.start()
+            await retry_transient("start edgecore", self.node.service.start)
         except AgentError as exc:
             return self.advance(job, State.ROLLING_BACK, f"install: {exc.reason}",
                                 action=(Action.UPGRADE, False), log_tail=_tail_of(log_path))
@@ -257,42 +267,52 @@ class Runner:
         return self.advance(job, State.SUCCEEDED, detail, action=(Action.UPGRADE, True))
 
     async def _rolling_back(self, job: Job) -> Job:
-        keadm = job.note("keadm")
-        if keadm and kill_installers(Path(keadm)):
-            log.warning("killed a leftover installer", job=job.key)
-        if not keadm_pids():
-            # Our keadm is gone, so a marker it left is ours to clear.
-            self.node.keadm_marker.unlink(missing_ok=True)
+        for program in {job.note("keadm"), job.note("installer")} - {None}:
+            if kill_installers(Path(str(program))):
+                log.warning("killed a leftover installer", job=job.key, program=program)
+        self._clear_own_marker(job)
         backup = job.note("backup")
-        if backup is None or job.from_version is None:
+        restore = job.note("restore_version") or job.from_version
+        if backup is None or restore is None:
             return self.advance(job, State.ROLLBACK_FAILED, "no backup recorded for this job",
                                 action=(Action.ROLLBACK, False))
         cause = job.reason
         try:
-            detail = await roll_back(self.node, Path(backup), Version.parse(job.from_version))
+            detail = await roll_back(self.node, Path(backup), Version.parse(restore))
         except AgentError as exc:
             return self.advance(job, State.ROLLBACK_FAILED, f"{cause}; {exc.reason}",
                                 action=(Action.ROLLBACK, False))
-        self.node.journal.set_meta(RECORD_KEY, job.from_version)
+        self.node.journal.set_meta(RECORD_KEY, restore)
         return self.advance(job, State.ROLLED_BACK, f"{cause}; rolled back: {detail}",
                             action=(Action.ROLLBACK, True))
 
+    def _clear_own_marker(self, job: Job) -> None:
+        """Remove keadm's marker if our installer left it: written after we started
+        it, and no keadm runs any more. Anyone else's marker stays."""
+        started = job.note("install_started")
+        try:
+            mtime = self.node.keadm_marker.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if started is not None and mtime >= float(started) - 1 and not keadm_pids():
+            self.node.keadm_marker.unlink(missing_ok=True)
+
     async def _manual_rollback(self, job: Job) -> Job:
         """``rollback [--to-version V]``: restore a backup (the newest by default)."""
-        target = job.command.version
         root = self.node.backup_root
-        if target is None:
-            dirs = sorted((d for d in root.iterdir() if (d / "manifest.json").is_file()),
-                          key=lambda d: d.stat().st_mtime) if root.is_dir() else []
-            if not dirs:
-                return self.advance(job, State.FAILED, f"no backups in {root}")
-            target = Version.parse(dirs[-1].name)
+        backups = list_backups(root)
+        target = job.command.version or (backups[-1] if backups else None)
+        if target is None or target not in backups:
+            what = f"no backup of {target}" if target else "no backups"
+            return self.advance(job, State.FAILED, f"{what} in {root}",
+                                notes={"refusal": "precheck"})
         detected = await self.node.probe.detect()
-        job = replace(job, from_version=str(target))
-        current = str(detected.version) if detected else "unknown"
+        current = str(detected.version) if detected else None
+        job = replace(job, from_version=current)
         return self.advance(job, State.ROLLING_BACK,
-                            f"manual rollback from {current} to {target}",
-                            notes={"backup": str(root / str(target))})
+                            f"manual rollback from {current or 'unknown'} to {target}",
+                            notes={"backup": str(root / str(target)),
+                                   "restore_version": str(target)})
 
 
 def _tail_of(path: Path) -> str:

@@ -92,7 +92,7 @@ def test_full_config() -> None:
         health={"grace_seconds": 5, "start_timeout_seconds": 10, "poll_interval_seconds": 0.1,
                 "metaserver_url": "http://127.0.0.1:10550"},
         backup={"keep": 7},
-        images={"backend": "docker", "default_repo": "registry.local:5000/kubeedge/pkg",
+        images={"backend": "local", "default_repo": "registry.local:5000/kubeedge/pkg",
                 "local_dir": "/srv/images"},
         installers={
             "zeta": ["{keadm}", "upgrade", "edge", "--toVersion", "{to_version}"],
@@ -115,7 +115,7 @@ def test_full_config() -> None:
     assert config.precheck == Precheck(95.0, 90.5, 0.0, 0)
     assert config.health == Health(5.0, 10.0, 0.1, "http://127.0.0.1:10550")
     assert config.keep_backups == 7
-    assert config.images == Images("docker", "registry.local:5000/kubeedge/pkg", "/srv/images")
+    assert config.images == Images("local", "registry.local:5000/kubeedge/pkg", "/srv/images")
     assert [name for name, _ in config.installers] == ["alpha", "zeta"]
     assert config.installer("zeta") == ("{keadm}", "upgrade", "edge", "--toVersion",
                                         "{to_version}")
@@ -170,7 +170,7 @@ def test_null_sections_and_values_mean_defaults() -> None:
         ({"health": {"metaserver_url": 1}}, "health.metaserver_url: expected str"),
         ({"backup": {"keep": 0}}, "backup.keep: 0 is outside 1..100"),
         ({"backup": {"dir": "/x"}}, "backup.dir: unknown key"),
-        ({"images": {"backend": "podman"}}, "images.backend: 'podman' is not one of local, docker"),
+        ({"images": {"backend": "podman"}}, "images.backend: 'podman' is not one of local"),
         ({"images": {"default_repo": "Kubeedge Pkg"}}, "images.default_repo: bad image reference"),
         ({"images": {"local_dir": "images"}}, "images.local_dir: 'images' must be an absolute"),
         ({"installers": ["/bin/x"]}, "installers: expected a mapping"),

@@ -147,3 +147,27 @@ def test_sigterm_mid_job_resumes_per_recovery_table(daemon: Daemon, sandbox: San
     (final,) = daemon.final("job-s")
     assert final["phase"] == "succeeded", final
     assert sandbox.running_version() == "v1.13.0"
+
+
+def test_remote_dry_run_is_a_rehearsal(daemon: Daemon, sandbox: Sandbox) -> None:
+    before = sandbox.binary.read_bytes(), sandbox.db.read_bytes()
+    daemon.send("d1", {"jobName": "rehearse-1", "version": "v1.13.0", "dryRun": True})
+    daemon.send("d2", {"jobName": "check-1", "operation": "check", "version": "v1.13.0"})
+    for key in ("rehearse-1", "check-1"):
+        wait_for(lambda key=key: daemon.final(key))  # type: ignore[misc]
+        (report,) = daemon.final(key)
+        assert report["rehearsal"] is True and report["plan"]["verdict"] == "GO"
+    assert (sandbox.binary.read_bytes(), sandbox.db.read_bytes()) == before
+    assert not (sandbox.root / "etc/kubeedge/backup").exists()
+
+
+def test_require_confirmation_parks_until_confirm(daemon: Daemon, sandbox: Sandbox) -> None:
+    daemon.send("c1", {"jobName": "job-c", "version": "v1.13.0", "requireConfirmation": True})
+    wait_for(lambda: any(r["phase"] == "awaiting_confirmation" for r in daemon.reports("job-c")))
+    assert sandbox.running_version() == "v1.12.1"
+    daemon.send("c2", {"jobName": "job-c", "operation": "confirm"})
+    wait_for(lambda: daemon.final("job-c"))
+    (final,) = daemon.final("job-c")
+    assert final["phase"] == "succeeded"
+    assert [a["action"] for a in final["actionFlow"]] == [
+        "Check", "WaitingConfirmation", "BackUp", "Upgrade"]

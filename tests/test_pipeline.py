@@ -91,7 +91,7 @@ def test_precheck_failures_leave_node_untouched(sandbox: Sandbox, setup: str, ar
         sandbox.configure(policy={"max_minor_skip": 1})
     before = sandbox.db.read_bytes()
     rc, out = sandbox.upgrade(args[0], *args[1:])
-    assert (rc, out["job"]["state"]) == (5, "failed"), out
+    assert (rc, out["job"]["state"]) == (4 if setup == "marker" else 5, "failed"), out
     assert needle in out["job"]["reason"]
     assert not (sandbox.root / "etc/kubeedge/backup").exists()
     assert sandbox.db.read_bytes() == before
@@ -195,10 +195,17 @@ def test_corrupted_backup_is_detected_before_restore(sandbox: Sandbox) -> None:
 
 def test_manual_rollback_restores_the_newest_backup(sandbox: Sandbox) -> None:
     assert sandbox.upgrade("v1.13.0")[0] == 0
+    rc, out = sandbox.cli_json("rollback", "--to-version", "v1.11.0", "--yes")
+    assert (rc, out["job"]["state"]) == (5, "failed") and "no backup of v1.11.0" in \
+        out["job"]["reason"]
+    assert sandbox.running_version() == "v1.13.0"
     rc, out = sandbox.cli_json("rollback", "--yes")
     assert (rc, out["job"]["state"]) == (0, "rolled_back"), out
+    assert (out["job"]["fromVersion"], out["job"]["toVersion"]) == ("v1.13.0", None)
     assert sandbox.running_version() == "v1.12.1"
     assert sandbox.db.read_bytes() == backup_db(sandbox)
+    final = sandbox.final_reports(out["job"]["jobKey"])[0]
+    assert (final["state"], final["result"]) == ("Successful", "rollback_success")
 
 
 def test_custom_installer_template(sandbox: Sandbox) -> None:

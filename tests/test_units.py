@@ -65,3 +65,37 @@ def test_every_terminal_state_has_a_kubeedge_result() -> None:
     assert kubeedge_phase(State.VERIFYING) == "InProgress"
     assert kubeedge_phase(State.SKIPPED) == "Successful"
     assert kubeedge_phase(State.ROLLED_BACK) == "Failure"
+
+
+async def test_transient_errors_are_retried_within_bounds() -> None:
+    from agent.errors import FatalError, TransientError
+    from agent.retry import retry_transient
+
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise TransientError("registry hiccup")
+        return "ok"
+
+    assert await retry_transient("flaky", flaky, max_wait=0.01) == "ok"
+    assert len(calls) == 3
+
+    async def always() -> str:
+        calls.append(1)
+        raise TransientError("still down")
+
+    calls.clear()
+    with pytest.raises(TransientError):
+        await retry_transient("always", always, attempts=3, max_wait=0.01)
+    assert len(calls) == 3
+
+    async def fatal() -> str:
+        calls.append(1)
+        raise FatalError("401 unauthorized")
+
+    calls.clear()
+    with pytest.raises(FatalError):
+        await retry_transient("fatal", fatal, max_wait=0.01)
+    assert len(calls) == 1

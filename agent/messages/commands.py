@@ -25,7 +25,8 @@ SCHEMA = "edge-upgrade-agent/command/v1"
 class Operation(str, Enum):
     UPGRADE = "upgrade"
     ROLLBACK = "rollback"
-    CHECK = "check"
+    CHECK = "check"  # a dry run, executed remotely and reported as a rehearsal
+    CONFIRM = "confirm"  # releases a job parked for requireConfirmation
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def parse_envelope(raw: bytes, config: Config, source: str) -> Command:
     """Parse our own JSON command envelope (see docs/protocol.md)."""
     limit = config.transport.max_message_bytes
     if len(raw) > limit:
-        raise InvalidCommand(f"message of {len(raw)} bytes exceeds the {limit}-byte cap")
+        raise InvalidCommand(f"message exceeds the {limit}-byte cap")
     try:
         data: Any = json.loads(raw)
     except (ValueError, RecursionError) as exc:

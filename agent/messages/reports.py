@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent.messages.commands import Operation
 from agent.states import State, kubeedge_phase, kubeedge_result
 
 if TYPE_CHECKING:
@@ -20,6 +21,12 @@ SCHEMA = "edge-upgrade-agent/report/v1"
 def build_report(job: Job, *, log_tail: str | None = None,
                  plan: dict[str, Any] | None = None) -> dict[str, Any]:
     cmd = job.command
+    phase, result = kubeedge_phase(job.state), kubeedge_result(job.state)
+    if cmd.operation == Operation.ROLLBACK and job.terminal:
+        # A manual rollback is no upgrade: KubeEdge's upgrade results do not fit it.
+        ok = job.state == State.ROLLED_BACK
+        phase, result = ("Successful" if ok else "Failure"), ("rollback_success" if ok
+                                                              else "rollback_failed")
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "jobKey": job.key,
@@ -30,9 +37,9 @@ def build_report(job: Job, *, log_tail: str | None = None,
         "historyID": cmd.history_id,
         "operation": cmd.operation.value,
         "phase": job.state.value,
-        "state": kubeedge_phase(job.state),
+        "state": phase,
         "final": job.terminal,
-        "result": kubeedge_result(job.state) if job.terminal else None,
+        "result": result if job.terminal else None,
         "reason": job.reason,
         "fromVersion": job.from_version,
         "toVersion": str(cmd.version) if cmd.version else None,

@@ -28,6 +28,7 @@ from agent.adapters.files import (
 )
 from agent.errors import BackupError
 from agent.faults import fault_point
+from agent.versions import VERSION_RE, Version
 
 MANIFEST = "manifest.json"
 NAMES = {"binary": "edgecore", "config": "edgecore.yaml", "db": "edgecore.db"}
@@ -151,6 +152,17 @@ def restore_backup(directory: Path, manifest: Manifest) -> None:
         if digest.sha256 != e.digest.sha256:
             raise BackupError(f"restored {dst} does not match the backup checksum")
         fault_point("restore:partial")
+
+
+def list_backups(backup_root: Path) -> list[Version]:
+    """Whole backups (a manifest, a version name), oldest first by mtime."""
+    if not backup_root.is_dir():
+        return []
+    found = []
+    for d in backup_root.iterdir():
+        if d.is_dir() and VERSION_RE.fullmatch(d.name) and (d / MANIFEST).is_file():
+            found.append((d.stat().st_mtime, Version.parse(d.name)))
+    return [v for _, v in sorted(found)]
 
 
 def prune_backups(backup_root: Path, keep: int, protect: str | None = None) -> list[str]:

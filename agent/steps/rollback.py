@@ -11,6 +11,7 @@ from pathlib import Path
 
 from agent.errors import AgentError, RollbackError
 from agent.node import Node
+from agent.retry import retry_transient
 from agent.steps.backup import restore_backup, verify_backup
 from agent.steps.verify import health_gate
 from agent.versions import Version
@@ -23,9 +24,9 @@ async def roll_back(node: Node, backup_dir: Path, expected: Version) -> str:
     except AgentError as exc:
         raise RollbackError(f"rollback refused: {exc.reason}") from None
     try:
-        await node.service.stop()
+        await retry_transient("stop edgecore", node.service.stop)
         restore_backup(backup_dir, manifest)
-        await node.service.start()
+        await retry_transient("start edgecore", node.service.start)
         detail = await health_gate(node.service, node.probe, expected, node.config.health)
     except AgentError as exc:
         raise RollbackError(f"rollback to {expected} failed: {exc.reason}") from None
