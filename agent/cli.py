@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--upgrade-tool", default="", help="a configured custom installer")
     up.add_argument("--dry-run", action="store_true", help="check and print the plan only")
     up.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    pp = sub.add_parser("prepull", help="fetch and verify the package ahead of an upgrade")
+    pp.add_argument("--to-version", required=True)
+    pp.add_argument("--image")
+    pp.add_argument("--image-digest")
     rb = sub.add_parser("rollback", help="restore a backup (the newest by default)")
     rb.add_argument("--to-version")
     rb.add_argument("--yes", action="store_true")
@@ -155,6 +159,14 @@ async def _upgrade(node: Node, args: argparse.Namespace, out: Output) -> int:
         out.emit({"job": job_dict(job), "plan": plan.to_dict()}, "\n".join(lines))
         return job_exit_code(job)
     _confirm(args, f"upgrade edgecore on {node.config.node_name} to {args.to_version}")
+    job = await execute(node, Runner(node), cmd)
+    out.emit({"job": job_dict(job)}, f"{job.state.value}: {job.reason}")
+    return job_exit_code(job)
+
+
+async def _prepull(node: Node, args: argparse.Namespace, out: Output) -> int:
+    cmd = build_command(node.config, operation=Operation.PREPULL, job_name=new_job_name("prepull"),
+                        version=args.to_version, image=args.image, image_digest=args.image_digest)
     job = await execute(node, Runner(node), cmd)
     out.emit({"job": job_dict(job)}, f"{job.state.value}: {job.reason}")
     return job_exit_code(job)
@@ -255,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.cmd == "upgrade":
                 return asyncio.run(_upgrade(node, args, out))
+            if args.cmd == "prepull":
+                return asyncio.run(_prepull(node, args, out))
             if args.cmd == "rollback":
                 return asyncio.run(_rollback(node, args, out))
             if args.cmd == "check":

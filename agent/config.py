@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError, InvalidCommand
+from agent.tls import TlsFiles, check_tls_files
 from agent.versions import NAME_RE, VersionPolicy, parse_image
 
 DEFAULT_CONFIG = Path("/etc/edge-upgrade-agent/agent.yaml")
@@ -64,12 +65,40 @@ class Images:
 
 
 @dataclass(frozen=True)
+class Mqtt:
+    host: str = "127.0.0.1"
+    port: int = 8883
+    # {node} is replaced by node_name; a KubeEdge router rule can relay anywhere.
+    topic_prefix: str = "kubeedge/nodes/{node}/upgrade"
+    ca_file: str = "/etc/edge-upgrade-agent/tls/ca.crt"
+    cert_file: str = "/etc/edge-upgrade-agent/tls/node.crt"
+    key_file: str = "/etc/edge-upgrade-agent/tls/node.key"
+    keepalive_seconds: int = 30
+    session_expiry_seconds: int = 7 * 86400
+    reconnect_min_seconds: float = 1.0
+    reconnect_max_seconds: float = 60.0
+    cert_check_interval_seconds: float = 10.0
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def topic(self, node: str, leaf: str) -> str:
+        return f"{self.topic_prefix.replace('{node}', node)}/{leaf}"
+
+
+@dataclass(frozen=True)
+class Security:
+    require_signed_commands: bool = False
+    trusted_keys_dir: str = "/etc/edge-upgrade-agent/trusted-keys"
+    max_clock_skew_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
 class Transport:
     kind: str = "spool"
     spool_dir: str | None = None  # None: <state_dir>/spool
     outbox_dir: str | None = None  # None: <state_dir>/reports
     max_message_bytes: int = 64 * 1024
     poll_interval_seconds: float = 0.5
+    mqtt: Mqtt = field(default_factory=Mqtt)
 
 
 @dataclass(frozen=True)
@@ -87,6 +116,7 @@ class Config:
     images: Images = field(default_factory=Images)
     installers: tuple[tuple[str, tuple[str, ...]], ...] = ()
     transport: Transport = field(default_factory=Transport)
+    security: Security = field(default_factory=Security)
     log_level: str = "info"
 
     @property
@@ -242,13 +272,22 @@ def parse_config(data: Any) -> Config:
 
     t = top.section("transport")
     transport = Transport(
-        t.choice("kind", "spool", ("spool",)),
+        t.choice("kind", "spool", ("spool", "mqtt")),
         t.path("spool_dir", None),
         t.path("outbox_dir", None),
         t.integer("max_message_bytes", 64 * 1024, 256, 16 * 1024 * 1024),
         t.number("poll_interval_seconds", 0.5, 0.01, 60),
+        _mqtt(t.section("mqtt")),
     )
     t.done()
+
+    sec = top.section("security")
+    security = Security(
+        sec.get("require_signed_commands", bool, False),
+        sec.path("trusted_keys_dir", Security.trusted_keys_dir),
+        sec.number("max_clock_skew_seconds", 300, 0, 86400),
+    )
+    sec.done()
 
     lg = top.section("logging")
     level = lg.choice("level", "info", ("debug", "info", "warning", "error"))
@@ -268,8 +307,42 @@ def parse_config(data: Any) -> Config:
         images=images,
         installers=installers,
         transport=transport,
+        security=security,
         log_level=level,
     )
+
+
+def _mqtt(m: _Section) -> Mqtt:
+    labels = m.get("labels", dict, {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ConfigError(f"{m.key('labels')}: expected a mapping of strings to strings")
+    prefix = m.get("topic_prefix", str, Mqtt.topic_prefix)
+    if not prefix or prefix.startswith("/") or prefix.endswith("/") or any(
+            c in prefix for c in "#+\0"):
+        raise ConfigError(f"{m.key('topic_prefix')}: {prefix!r} is not a valid topic prefix "
+                          "(no wildcards, no leading or trailing '/')")
+    lo = m.number("reconnect_min_seconds", 1, 0.01, 3600)
+    mqtt = Mqtt(
+        host=m.get("host", str, Mqtt.host),
+        port=m.integer("port", 8883, 1, 65535),
+        topic_prefix=prefix,
+        ca_file=m.path("ca_file", Mqtt.ca_file),
+        cert_file=m.path("cert_file", Mqtt.cert_file),
+        key_file=m.path("key_file", Mqtt.key_file),
+        keepalive_seconds=m.integer("keepalive_seconds", 30, 5, 3600),
+        session_expiry_seconds=m.integer("session_expiry_seconds", 7 * 86400, 60, 2**31),
+        reconnect_min_seconds=lo,
+        reconnect_max_seconds=m.number("reconnect_max_seconds", 60, lo, 3600),
+        cert_check_interval_seconds=m.number("cert_check_interval_seconds", 10, 0.1, 3600),
+        labels=tuple(sorted(labels.items())),
+    )
+    m.done()
+    return mqtt
+
+
+def tls_files(config: Config) -> TlsFiles:
+    m = config.transport.mqtt
+    return TlsFiles(Path(m.ca_file), Path(m.cert_file), Path(m.key_file))
 
 
 def _installer(section: _Section, name: str) -> tuple[str, ...]:
@@ -306,6 +379,14 @@ def load_config(path: Path, root: Path | None = None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     config = parse_config(data)
+    if config.transport.kind == "mqtt":
+        # TLS files are the agent's own (like this file), so paths.root does not apply.
+        check_tls_files(tls_files(config), "transport.mqtt")
+    if config.security.require_signed_commands:
+        keys = Path(config.security.trusted_keys_dir)
+        if not keys.is_dir() or not any(keys.glob("*.pub")):
+            raise ConfigError(f"security.trusted_keys_dir: no *.pub keys in {keys}, "
+                              "but require_signed_commands is on")
     if root is not None:
         config = config.with_root(root)
     elif not config.paths.root.is_absolute():

@@ -1,4 +1,4 @@
-"""The long-running service: intake, job worker, reporter and watchdog.
+"""The long-running service: transport, intake, job worker, reporter and watchdog.
 
 READY=1 is sent once the config is loaded and crash recovery is done, not
 when a broker answers: an offline node must still start and roll back.
@@ -19,29 +19,41 @@ from agent import __version__
 from agent.config import Config
 from agent.errors import AgentError, Busy, InvalidCommand, JournalError
 from agent.execute import rehearse
-from agent.messages.commands import Command, Operation, parse_envelope, peek_job_name
+from agent.intake import Accepted, Intake
+from agent.messages.commands import Command, Operation, peek_job_name
 from agent.node import Node, build_node
 from agent.runner import Runner
 from agent.systemd_notify import sd_notify, watchdog_interval
 from agent.transport.base import Inbound, Transport
+from agent.transport.mqtt import MqttTransport
 from agent.transport.spool import SpoolTransport
 from agent.versions import ImageRef
 
 log = structlog.get_logger("agent.daemon")
 BUSY_RETRY_SECONDS = 2.0
+REPORT_RETRY_MAX_SECONDS = 30.0
 
 
 class Daemon:
-    def __init__(self, node: Node, transport: Transport) -> None:
+    def __init__(self, node: Node, intake: Intake) -> None:
         self.node = node
         self.runner = Runner(node)
-        self.transport = transport
+        self.intake_parser = intake
+        self.transport: Transport | None = None
         # Job keys to run, or commands to rehearse (dry runs need no lock).
         self.queue: asyncio.Queue[str | Command] = asyncio.Queue()
         self.reports_pending = asyncio.Event()
+        self.running: str | None = None
+
+    @property
+    def link(self) -> Transport:
+        assert self.transport is not None
+        return self.transport
+
+    # -- commands in --------------------------------------------------------
 
     async def intake(self) -> None:
-        async for msg in self.transport.commands():
+        async for msg in self.link.commands():
             try:
                 self.accept(msg)
             except JournalError as exc:
@@ -55,28 +67,46 @@ class Daemon:
                 self._reject(msg, f"internal error: {type(exc).__name__}")
             # The command is journalled (or its rejection is), so it may leave the transport.
             await msg.ack()
+            self.reports_pending.set()
 
     def accept(self, msg: Inbound) -> None:
-        """Parse, validate, dedupe and journal one command; never raises."""
+        """Parse, authenticate, validate, dedupe and journal one command."""
         try:
-            cmd = parse_envelope(msg.payload, self.node.config, msg.source)
+            accepted = self.intake_parser.parse(msg.payload, msg.source)
         except InvalidCommand as exc:
             self._reject(msg, exc.reason)
             return
+        cmd = accepted.command
+        if self._replayed(accepted):
+            self._reject(msg, f"replayed command {accepted.command_id} (job {cmd.key} already ran)")
+            return
         if cmd.operation == Operation.CONFIRM:
             self._confirm(cmd)
-            return
-        if cmd.dry_run or cmd.operation == Operation.CHECK:
+        elif cmd.operation == Operation.CANCEL:
+            self._cancel(cmd)
+        elif cmd.dry_run or cmd.operation == Operation.CHECK:
             self.queue.put_nowait(replace(cmd, dry_run=True))
-            return
-        job, new = self.runner.submit(cmd)
-        if new:
-            self.queue.put_nowait(job.key)
-        elif job.terminal:
-            self.runner.resend_final(job)
         else:
-            log.info("duplicate command ignored while its job runs", job=job.key)
-        self.reports_pending.set()
+            job, new = self.runner.submit(cmd)
+            if new:
+                self.queue.put_nowait(job.key)
+            elif job.terminal:
+                self.runner.resend_final(job)
+            else:
+                log.info("duplicate command ignored while its job runs", job=job.key)
+
+    def _replayed(self, accepted: Accepted) -> bool:
+        """A signed command seen before whose job is over is a replay.
+
+        One seen before whose job still runs (or was never journalled) is the
+        broker redelivering a message we had not acked: not an attack.
+        """
+        if accepted.command_id is None or accepted.expires_at is None:
+            return False
+        key = accepted.command.key
+        first = self.node.journal.mark_seen(accepted.command_id, key, accepted.expires_at)
+        job = self.node.journal.get(key) if first is not None else None
+        return first is not None and (first != key or (job is not None and job.terminal))
 
     def _confirm(self, cmd: Command) -> None:
         job = self.node.journal.get(cmd.key)
@@ -90,6 +120,15 @@ class Daemon:
             return
         self.queue.put_nowait(job.key)
 
+    def _cancel(self, cmd: Command) -> None:
+        job = self.node.journal.get(cmd.key)
+        if job is None:
+            log.warning("cancel for an unknown job ignored", job=cmd.key)
+        elif job.key == self.running:
+            self.runner.cancel_requests.add(job.key)  # the worker acts between steps
+        else:
+            self.runner.cancel(job)
+
     def _reject(self, msg: Inbound, reason: str) -> None:
         name = peek_job_name(msg.payload)
         log.warning("command rejected", source=msg.source, reason=reason, job=name)
@@ -98,7 +137,8 @@ class Daemon:
         cmd = Command(Operation.UPGRADE, f"rejected-{name}", self.node.config.node_name, None,
                       ImageRef(self.node.config.images.default_repo), source=msg.source)
         self.runner.reject(cmd, reason)
-        self.reports_pending.set()
+
+    # -- jobs ---------------------------------------------------------------
 
     async def worker(self) -> None:
         while True:
@@ -108,38 +148,65 @@ class Daemon:
                     await rehearse(self.node, item)
                     self.reports_pending.set()
                 continue
-            key = item
-            job = self.node.journal.get(key)
+            job = self.node.journal.get(item)
             if job is None or job.terminal:
                 continue
+            self.running = item
+            await self.link.update_presence()
             try:
                 with self.node.lock:
                     await self.runner.run(job)
             except Busy as exc:
-                log.info("waiting for the lock", job=key, reason=exc.reason)
+                log.info("waiting for the lock", job=item, reason=exc.reason)
                 await asyncio.sleep(BUSY_RETRY_SECONDS)
-                self.queue.put_nowait(key)
+                self.queue.put_nowait(item)
             except Exception as exc:
                 # A bug in a step: treat it like a crash of that step, so the
                 # recovery table and the loop breaker apply, and keep serving.
-                log.exception("job handler failed", job=key)
-                current = self.node.journal.get(key)
+                log.exception("job handler failed", job=item)
+                current = self.node.journal.get(item)
                 if current is not None and not current.terminal:
                     self.runner.resume(current, f"internal error {type(exc).__name__}")
                     await asyncio.sleep(BUSY_RETRY_SECONDS)
-                    self.queue.put_nowait(key)
-            self.reports_pending.set()
+                    self.queue.put_nowait(item)
+            finally:
+                self.running = None
+                self.reports_pending.set()
+            await self.link.update_presence()
+
+    def recover(self) -> None:
+        with self.node.lock:
+            for job in self.runner.recover():
+                self.queue.put_nowait(job.key)
+
+    async def presence(self) -> dict[str, Any]:
+        detected = await self.node.probe.detect()
+        return {
+            "online": True,
+            "nodeName": self.node.config.node_name,
+            "edgecoreVersion": str(detected.version) if detected else None,
+            "labels": dict(self.node.config.transport.mqtt.labels),
+            "agentVersion": __version__,
+            "currentJob": self.running,
+        }
+
+    # -- reports out --------------------------------------------------------
 
     async def reporter(self) -> None:
+        delay = 0.5
         while True:
             for outbox_id, report in self.node.journal.outbox():
                 try:
-                    await self.transport.publish(report)
+                    await self.link.publish(report)
                 except (OSError, AgentError) as exc:
-                    log.warning("report delivery failed; will retry", error=str(exc))
-                    await asyncio.sleep(1)
+                    log.warning("report delivery failed; will retry", error=str(exc),
+                                retry_in_s=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, REPORT_RETRY_MAX_SECONDS)
                     break
+                # Deleted only after the broker's PUBACK (or the file's fsync).
                 self.node.journal.ack(outbox_id)
+                delay = 0.5
             else:
                 self.reports_pending.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -150,10 +217,16 @@ class Daemon:
             sd_notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    def recover(self) -> None:
-        with self.node.lock:
-            for job in self.runner.recover():
-                self.queue.put_nowait(job.key)
+
+def make_transport(config: Config, daemon: Daemon) -> Transport:
+    t = config.transport
+    if t.kind == "mqtt":
+        return MqttTransport(config, daemon.presence)
+    return SpoolTransport(
+        config.paths.node(t.spool_dir) if t.spool_dir else config.state_dir / "spool",
+        config.paths.node(t.outbox_dir) if t.outbox_dir else config.state_dir / "reports",
+        t.poll_interval_seconds, t.max_message_bytes,
+    )
 
 
 async def _supervise(*coros: Coroutine[Any, Any, None]) -> None:
@@ -171,13 +244,8 @@ async def _supervise(*coros: Coroutine[Any, Any, None]) -> None:
 
 async def run_daemon(config: Config) -> int:
     node = build_node(config)
-    spool = config.transport
-    transport = SpoolTransport(
-        config.paths.node(spool.spool_dir) if spool.spool_dir else config.state_dir / "spool",
-        config.paths.node(spool.outbox_dir) if spool.outbox_dir else config.state_dir / "reports",
-        spool.poll_interval_seconds, spool.max_message_bytes,
-    )
-    daemon = Daemon(node, transport)
+    daemon = Daemon(node, Intake(config))
+    daemon.transport = make_transport(config, daemon)
     while True:
         try:
             daemon.recover()
@@ -190,18 +258,16 @@ async def run_daemon(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     sd_notify("READY=1\nSTATUS=ready")
-    log.info("agent ready", version=__version__, node=config.node_name)
-    tasks = [daemon.intake(), daemon.worker(), daemon.reporter(), _until(stop)]
+    log.info("agent ready", version=__version__, node=config.node_name,
+             transport=config.transport.kind)
+    tasks = [daemon.link.run(), daemon.intake(), daemon.worker(), daemon.reporter(),
+             stop.wait()]
     if (interval := watchdog_interval()) is not None:
         tasks.append(daemon.watchdog(interval))
     try:
-        await _supervise(*tasks)
+        await _supervise(*tasks)  # type: ignore[arg-type]
     finally:
         sd_notify("STOPPING=1")
         node.close()
         log.info("agent stopped")
     return 0
-
-
-async def _until(event: asyncio.Event) -> None:
-    await event.wait()

@@ -25,7 +25,7 @@ async def rehearse(node: Node, cmd: Command) -> tuple[Job, Plan]:
     existing = node.journal.get(cmd.key)
     if existing is not None:
         return existing, plan
-    job = node.journal.add(job, build_report(replace(job, seq=1), plan=plan.to_dict()))
+    job = node.journal.add(job, lambda j: build_report(j, plan=plan.to_dict()))
     return job, plan
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +48,14 @@ CREATE TABLE IF NOT EXISTS outbox(
     UNIQUE(job_key, seq)
 );
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS seen(
+    command_id TEXT PRIMARY KEY,
+    job_key TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
+
+ReportFn = Callable[["Job"], dict[str, Any]]
 
 
 def utc_now() -> str:
@@ -164,9 +171,10 @@ class Journal:
         jobs = [_row_to_job(r) for r in rows]
         return [j for j in jobs if not j.terminal] if active_only else jobs
 
-    def add(self, job: Job, payload: dict[str, Any]) -> Job:
+    def add(self, job: Job, report: ReportFn) -> Job:
         """Insert a new job with its first report. Raises KeyError on a duplicate key."""
         job = replace(job, seq=1, entries=((job.state.value, 1),))
+        payload = report(job)
         final = job.terminal
         with self._tx() as db:
             if db.execute("SELECT 1 FROM jobs WHERE key=?", (job.key,)).fetchone():
@@ -193,11 +201,20 @@ class Journal:
             self._queue(db, job, payload, final)
         return replace(job, final_reported=final)
 
-    def save(self, job: Job, payload: dict[str, Any] | None) -> Job:
+    def _next_seq(self, db: sqlite3.Connection, key: str) -> int:
+        # Allocated inside the transaction, so two writers (the runner, and
+        # intake answering a cancel) can never reuse a report sequence.
+        row = db.execute("SELECT seq FROM jobs WHERE key=?", (key,)).fetchone()
+        if row is None:
+            raise JournalError(f"no job {key!r} in the journal")
+        return int(row["seq"]) + 1
+
+    def save(self, job: Job, report: ReportFn) -> Job:
         """Persist ``job`` (already advanced by the caller) and queue its report."""
-        final = job.terminal and payload is not None
-        job = replace(job, updated_at=time.time())
+        final = job.terminal
         with self._tx() as db:
+            job = replace(job, seq=self._next_seq(db, job.key), updated_at=time.time())
+            payload = report(job)
             db.execute(
                 "UPDATE jobs SET state=?, reason=?, from_version=?, entries=?, actions=?,"
                 " notes=?, seq=?, final_reported=MAX(final_reported, ?), updated_at=?"
@@ -215,9 +232,31 @@ class Journal:
                     job.key,
                 ),
             )
-            if payload is not None:
-                self._queue(db, job, payload, final)
+            self._queue(db, job, payload, final)
         return replace(job, final_reported=job.final_reported or final)
+
+    def event(self, key: str, report: ReportFn) -> Job:
+        """Queue a report about ``key`` without changing its state (e.g. a refused cancel)."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
+            if row is None:
+                raise JournalError(f"no job {key!r} in the journal")
+            job = replace(_row_to_job(row), seq=int(row["seq"]) + 1)
+            db.execute("UPDATE jobs SET seq=? WHERE key=?", (job.seq, key))
+            self._queue(db, job, report(job), job.terminal)
+        return job
+
+    def mark_seen(self, command_id: str, job_key: str, expires_at: float) -> str | None:
+        """Record a signed command id; return the job key it was first seen with, if any."""
+        with self._tx() as db:
+            db.execute("DELETE FROM seen WHERE expires_at < ?", (time.time() - 86400,))
+            row = db.execute("SELECT job_key FROM seen WHERE command_id=?",
+                             (command_id,)).fetchone()
+            if row is not None:
+                return str(row["job_key"])
+            db.execute("INSERT INTO seen(command_id, job_key, expires_at) VALUES(?,?,?)",
+                       (command_id, job_key, expires_at))
+        return None
 
     @staticmethod
     def _queue(db: sqlite3.Connection, job: Job, payload: dict[str, Any], final: bool) -> None:

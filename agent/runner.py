@@ -52,6 +52,8 @@ class Runner:
             State.VERIFYING: self._verifying,
             State.ROLLING_BACK: self._rolling_back,
         }
+        # Cancels for the job being run, honoured between handlers (never mid-step).
+        self.cancel_requests: set[str] = set()
 
     # -- journal helpers ----------------------------------------------------
 
@@ -66,11 +68,11 @@ class Runner:
         entries = dict(job.entries)
         entries[state.value] = entries.get(state.value, 0) + 1
         merged = {**dict(job.notes), **(notes or {})}
-        job = replace(job, state=state, reason=reason, actions=actions, seq=job.seq + 1,
+        job = replace(job, state=state, reason=reason, actions=actions,
                       entries=tuple(sorted(entries.items())), notes=tuple(sorted(merged.items())))
         if job.terminal and log_tail is None:
             log_tail = self._tail(job)
-        job = self.node.journal.save(job, build_report(job, log_tail=log_tail))
+        job = self.node.journal.save(job, lambda j: build_report(j, log_tail=log_tail))
         log.info("job state", job=job.key, state=state.value, reason=reason)
         fault_point(f"after:{state.value}")
         return job
@@ -86,7 +88,7 @@ class Runner:
             return existing, False
         job = Job(key=cmd.key, command=cmd, state=State.RECEIVED, reason="command received")
         try:
-            added = self.node.journal.add(job, build_report(replace(job, seq=1)))
+            added = self.node.journal.add(job, build_report)
             fault_point("after:received")
             return added, True
         except KeyError:
@@ -96,7 +98,7 @@ class Runner:
 
     def reject(self, cmd: Command, reason: str) -> Job:
         job = Job(key=cmd.key, command=cmd, state=State.REJECTED, reason=reason)
-        return self.node.journal.add(job, build_report(replace(job, seq=1)))
+        return self.node.journal.add(job, build_report)
 
     # -- the loop -----------------------------------------------------------
 
@@ -104,6 +106,10 @@ class Runner:
         """Drive ``job`` until it is terminal or parked. The caller holds the lock."""
         with structlog.contextvars.bound_contextvars(job=job.key):
             while not job.terminal and job.state != State.AWAITING_CONFIRMATION:
+                if job.key in self.cancel_requests:
+                    self.cancel_requests.discard(job.key)
+                    job = self.cancel(job)
+                    continue
                 if job.entry_count(job.state) > self.node.config.max_state_entries:
                     job = self._break_loop(job)
                     continue
@@ -130,8 +136,8 @@ class Runner:
 
     def resend_final(self, job: Job) -> Job:
         """Queue the final report of a finished job again (a duplicate command asked)."""
-        job = replace(job, seq=job.seq + 1)
-        return self.node.journal.save(job, build_report(job, log_tail=self._tail(job)))
+        tail = self._tail(job)
+        return self.node.journal.event(job.key, lambda j: build_report(j, log_tail=tail))
 
     def resume(self, job: Job, why: str) -> Job:
         """Re-enter ``job`` after an interruption, per the recovery table."""
@@ -150,6 +156,8 @@ class Runner:
         cmd = job.command
         if cmd.operation == Operation.ROLLBACK:
             return await self._manual_rollback(job)
+        if cmd.operation == Operation.PREPULL:
+            return await self._prepull(job)
         try:
             marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds, clear_stale=True)
         except Busy as exc:
@@ -191,6 +199,16 @@ class Runner:
                            notes={"keadm": str(staged.keadm), "digest": staged.info.digest})
         return self.advance(job, State.IMAGE_READY, f"image {staged.info.digest} ready",
                             action=(Action.WAITING_CONFIRMATION, True))
+
+    def cancel(self, job: Job) -> Job:
+        """Cancel before the installer runs; afterwards only rollback is safe, so refuse."""
+        if job.terminal or job.state in NODE_TOUCHED:
+            why = (f"cancel refused: job is {job.state.value}" + ("" if job.terminal else
+                   "; past the installer only a rollback can undo it"))
+            log.warning("cancel refused", job=job.key, state=job.state.value)
+            return self.node.journal.event(
+                job.key, lambda j: build_report(replace(j, reason=why)))
+        return self.advance(job, State.FAILED, "cancelled by the operator before installing")
 
     def confirm(self, job: Job) -> Job:
         if job.state != State.AWAITING_CONFIRMATION:
@@ -296,6 +314,19 @@ class Runner:
             return
         if started is not None and mtime >= float(started) - 1 and not keadm_pids():
             self.node.keadm_marker.unlink(missing_ok=True)
+
+    async def _prepull(self, job: Job) -> Job:
+        """Fetch and verify the package now, so the upgrade later skips the download."""
+        started = time.monotonic()
+        try:
+            staged = await stage_image(self.node, job.command,
+                                       lambda msg: log.info(msg, job=job.key))
+        except AgentError as exc:
+            return self.advance(job, State.FAILED, f"prepull: {exc.reason}")
+        return self.advance(job, State.SUCCEEDED,
+                            f"prepulled {staged.info.ref} ({staged.info.size} bytes, "
+                            f"{staged.info.digest}) in {time.monotonic() - started:.1f}s",
+                            notes={"image_size": str(staged.info.size)})
 
     async def _manual_rollback(self, job: Job) -> Job:
         """``rollback [--to-version V]``: restore a backup (the newest by default)."""

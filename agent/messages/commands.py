@@ -27,6 +27,8 @@ class Operation(str, Enum):
     ROLLBACK = "rollback"
     CHECK = "check"  # a dry run, executed remotely and reported as a rehearsal
     CONFIRM = "confirm"  # releases a job parked for requireConfirmation
+    CANCEL = "cancel"  # stops a job before it installs; refused after that
+    PREPULL = "prepull"  # fetch and verify the package ahead of a maintenance window
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def build_command(
     if node != config.node_name:
         raise InvalidCommand(f"command is for node {node!r}, this is {config.node_name!r}")
     target = Version.parse(version) if version else None
-    if operation in (Operation.UPGRADE, Operation.CHECK) and target is None:
+    if operation in (Operation.UPGRADE, Operation.CHECK, Operation.PREPULL) and target is None:
         raise InvalidCommand(f"{operation.value} needs a version")
     ref = parse_image(image) if image else parse_image(config.images.default_repo)
     if ref.digest:
@@ -169,9 +171,8 @@ _ENVELOPE_KEYS = {
 }
 
 
-def parse_envelope(raw: bytes, config: Config, source: str) -> Command:
-    """Parse our own JSON command envelope (see docs/protocol.md)."""
-    limit = config.transport.max_message_bytes
+def load_json_object(raw: bytes, limit: int) -> dict[str, Any]:
+    """The size cap and JSON decoding every transport's message goes through."""
     if len(raw) > limit:
         raise InvalidCommand(f"message exceeds the {limit}-byte cap")
     try:
@@ -182,6 +183,16 @@ def parse_envelope(raw: bytes, config: Config, source: str) -> Command:
         raise InvalidCommand(f"malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise InvalidCommand("command must be a JSON object")
+    return data
+
+
+def parse_envelope(raw: bytes, config: Config, source: str) -> Command:
+    """Parse our own JSON command envelope (see docs/protocol.md)."""
+    return parse_envelope_dict(load_json_object(raw, config.transport.max_message_bytes),
+                               config, source)
+
+
+def parse_envelope_dict(data: dict[str, Any], config: Config, source: str) -> Command:
     for key, value in data.items():
         kind = _ENVELOPE_KEYS.get(key)
         if kind is None:
@@ -214,7 +225,10 @@ def parse_envelope(raw: bytes, config: Config, source: str) -> Command:
     )
 
 
-_JOB_NAME_PEEK = re.compile(rb'"jobName"\s*:\s*"([a-z0-9.-]{1,253})"')
+# Our envelope's jobName, KubeEdge's UpgradeID/TaskID, or the job in a resource path.
+_JOB_NAME_PEEK = re.compile(
+    rb'"(?:jobName|UpgradeID|TaskID)"\s*:\s*"([a-z0-9.-]{1,253})"'
+    rb'|nodeupgradejob/([a-z0-9.-]{1,253})/node/|"upgrade/([a-z0-9.-]{1,253})/node/')
 
 
 def peek_job_name(raw: bytes) -> str | None:
@@ -223,7 +237,8 @@ def peek_job_name(raw: bytes) -> str | None:
     Only the first KiB is searched: an oversized message is never parsed whole.
     """
     m = _JOB_NAME_PEEK.search(raw[:1024])
+    name = next((g for g in m.groups() if g), None) if m else None
     try:
-        return check_name("job name", m[1].decode()) if m else None
+        return check_name("job name", name.decode()) if name else None
     except InvalidCommand:
         return None

@@ -22,11 +22,11 @@ def build_report(job: Job, *, log_tail: str | None = None,
                  plan: dict[str, Any] | None = None) -> dict[str, Any]:
     cmd = job.command
     phase, result = kubeedge_phase(job.state), kubeedge_result(job.state)
-    if cmd.operation == Operation.ROLLBACK and job.terminal:
-        # A manual rollback is no upgrade: KubeEdge's upgrade results do not fit it.
-        ok = job.state == State.ROLLED_BACK
-        phase, result = ("Successful" if ok else "Failure"), ("rollback_success" if ok
-                                                              else "rollback_failed")
+    if cmd.operation in (Operation.ROLLBACK, Operation.PREPULL) and job.terminal:
+        # Neither is an upgrade: KubeEdge's upgrade results do not fit them.
+        ok = job.state in (State.ROLLED_BACK, State.SUCCEEDED)
+        phase = "Successful" if ok else "Failure"
+        result = f"{cmd.operation.value}_{'success' if ok else 'failed'}"
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "jobKey": job.key,

@@ -23,3 +23,9 @@ class Transport(Protocol):
 
     async def publish(self, report: dict[str, Any]) -> None:
         """Deliver one report; return only once it is durably accepted, else raise."""
+
+    async def run(self) -> None:
+        """Keep the connection up (reconnects included); runs for the daemon's life."""
+
+    async def update_presence(self) -> None:
+        """Tell the cloud side what this node runs now (best effort)."""

@@ -44,6 +44,12 @@ class SpoolTransport:
                 yield Inbound(f"spool:{path.name}", raw, ack)
             await asyncio.sleep(self.poll_interval)
 
+    async def run(self) -> None:
+        await asyncio.Event().wait()  # nothing to keep up: a local directory
+
+    async def update_presence(self) -> None:
+        return None
+
     async def publish(self, report: dict[str, Any]) -> None:
         name = f"{report['jobKey'].replace('/', '_')}-{report['sequence']:04d}.json"
         tmp = self.outbox_dir / f".{name}.tmp"

@@ -1,0 +1,1 @@
+"""Authenticity of commands: Ed25519 signatures over canonical JSON."""

@@ -1,0 +1,224 @@
+"""MQTT v5 over mutual TLS, with aiomqtt 2.x kept behind our Transport interface.
+
+What the defaults of the stack would get wrong, and what we do instead:
+- aiomqtt's default clean_start wipes the broker session, and the commands
+  queued while the agent restarted: we connect with ``clean_start=False``
+  and a session expiry of days.
+- paho acks a QoS 1 message as soon as it is read, before we journal it: we
+  switch to manual acks and ack only after the journal commit.
+- aiomqtt ignores PUBACK reason codes, so an ACL denial looks like success:
+  we wrap paho's on_publish to see them.
+- paho silently re-sends QoS 1 publishes when the *same* client reconnects,
+  duplicating our outbox's own retries: every connection uses a new client,
+  so the journal's outbox is the only source of re-sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import Config, tls_files
+from agent.errors import AgentError, ConfigError, TransientError
+from agent.systemd_notify import sd_notify
+from agent.tls import check_tls_files, client_context
+from agent.transport.base import Inbound
+
+log = structlog.get_logger("agent.mqtt")
+PUBACK_TIMEOUT_SECONDS = 30.0
+Presence = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class DeliveryRefused(AgentError):
+    """The broker answered a publish with a failure reason code (e.g. 135, ACL)."""
+
+
+class MqttTransport:
+    def __init__(self, config: Config, presence: Presence) -> None:
+        m = config.transport.mqtt
+        self.config = config
+        self.mqtt = m
+        self.node = config.node_name
+        self.cmd_topic = m.topic(self.node, "cmd")
+        self.status_topic = m.topic(self.node, "status")
+        self.presence_topic = m.topic(self.node, "presence")
+        self.files = tls_files(config)
+        self.presence = presence
+        self._inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=1000)
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._acks: dict[int, asyncio.Future[int]] = {}
+        self._early: dict[int, int] = {}
+        self.connections = 0  # successful connects, for logs and tests
+
+    # -- Transport interface ------------------------------------------------
+
+    async def commands(self) -> AsyncIterator[Inbound]:
+        while True:
+            yield await self._inbox.get()
+
+    async def publish(self, report: dict[str, Any]) -> None:
+        await self._publish(self.status_topic, report, retain=False)
+
+    async def update_presence(self) -> None:
+        if not self._connected.is_set():
+            return
+        try:
+            await self._publish(self.presence_topic, await self.presence(), retain=True)
+        except AgentError as exc:
+            log.warning("presence update failed", error=exc.reason)
+
+    # -- connection loop ----------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = self.mqtt.reconnect_min_seconds
+        fingerprint = await asyncio.to_thread(self.files.fingerprint)
+        while True:
+            try:
+                ctx = await asyncio.to_thread(client_context, self.files)
+                client = self._new_client(ctx, await self._offline_will())
+                async with client:
+                    self._on_connected(client)
+                    backoff = self.mqtt.reconnect_min_seconds
+                    await client.subscribe(self.cmd_topic, qos=1)
+                    await self.update_presence()
+                    fingerprint = await self._serve(client, fingerprint)
+                    log.info("certificate files changed; reconnecting with the new ones")
+                    continue  # a rotation is no failure: reconnect at once
+            except aiomqtt.MqttError as exc:
+                log.warning("broker connection lost", error=str(exc),
+                            retry_in_s=round(backoff, 2))
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.error("cannot load TLS files", error=str(exc), retry_in_s=round(backoff, 2))
+            finally:
+                self._on_disconnected()
+            sd_notify(f"STATUS=reconnecting to {self.mqtt.host}:{self.mqtt.port}")
+            # Full jitter, so a fleet that lost one broker does not return in lockstep.
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))  # noqa: S311
+            backoff = min(backoff * 2, self.mqtt.reconnect_max_seconds)
+
+    def _new_client(self, ctx: ssl.SSLContext, will: aiomqtt.Will) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.mqtt.session_expiry_seconds
+        client = aiomqtt.Client(
+            self.mqtt.host, self.mqtt.port, identifier=self.node,
+            protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
+            tls_context=ctx, will=will, keepalive=self.mqtt.keepalive_seconds, timeout=10,
+        )
+        inner: paho.Client = client._client  # private: the aiomqtt#345 workaround
+        inner.manual_ack_set(True)
+        original = inner.on_publish
+
+        def on_publish(c: paho.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+            code = int(getattr(rc, "value", rc or 0))
+            fut = self._acks.get(mid)
+            if fut is not None and not fut.done():
+                fut.set_result(code)
+            else:
+                self._early[mid] = code
+            if original is not None:
+                original(c, userdata, mid, rc, props)  # type: ignore[call-arg]
+
+        inner.on_publish = on_publish
+        return client
+
+    async def _offline_will(self) -> aiomqtt.Will:
+        body = {**await self.presence(), "online": False}
+        return aiomqtt.Will(self.presence_topic, json.dumps(body, sort_keys=True), qos=1,
+                            retain=True)
+
+    def _on_connected(self, client: aiomqtt.Client) -> None:
+        self._client = client
+        self._connected.set()
+        self.connections += 1
+        sd_notify(f"STATUS=connected to {self.mqtt.host}:{self.mqtt.port}")
+        log.info("connected to broker", host=self.mqtt.host, port=self.mqtt.port,
+                 connections=self.connections)
+
+    def _on_disconnected(self) -> None:
+        self._client = None
+        self._connected.clear()
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(TransientError("connection lost before PUBACK"))
+        self._early.clear()
+
+    async def _serve(self, client: aiomqtt.Client, fingerprint: str) -> str:
+        """Read commands until the connection fails (raises) or the TLS files change."""
+        reader = asyncio.ensure_future(self._read(client))
+        watcher = asyncio.ensure_future(self._watch_files(fingerprint))
+        try:
+            done, _ = await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            return (reader if reader in done else watcher).result()
+        finally:
+            for task in (reader, watcher):
+                task.cancel()
+            await asyncio.gather(reader, watcher, return_exceptions=True)
+
+    async def _read(self, client: aiomqtt.Client) -> str:
+        async for message in client.messages:
+            if not message.topic.matches(self.cmd_topic):
+                continue
+            payload = message.payload if isinstance(message.payload, bytes) else \
+                str(message.payload).encode()
+            await self._inbox.put(Inbound(f"mqtt:{message.topic}", payload,
+                                          self._acker(client, message.mid, message.qos)))
+        raise aiomqtt.MqttError("message stream ended")
+
+    def _acker(self, client: aiomqtt.Client, mid: int, qos: int) -> Callable[[], Awaitable[None]]:
+        async def ack() -> None:
+            # After a reconnect the old mid means nothing; the broker redelivers instead.
+            if qos > 0 and client is self._client:
+                client._client.ack(mid, qos)
+        return ack
+
+    async def _watch_files(self, fingerprint: str) -> str:
+        while True:
+            await asyncio.sleep(self.mqtt.cert_check_interval_seconds)
+            current = await asyncio.to_thread(self.files.fingerprint)
+            if current == fingerprint:
+                continue
+            try:
+                await asyncio.to_thread(check_tls_files, self.files, "transport.mqtt")
+            except ConfigError as exc:
+                # Half-written or weak new files: keep the working connection.
+                log.error("new TLS files refused; keeping the current connection",
+                          reason=exc.reason)
+                fingerprint = current
+                continue
+            return current
+
+    async def _publish(self, topic: str, body: dict[str, Any], *, retain: bool) -> None:
+        client = self._client
+        if client is None or not self._connected.is_set():
+            raise TransientError("not connected to the broker")
+        payload = json.dumps(body, sort_keys=True).encode()
+        info = client._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise TransientError(f"publish failed: {paho.error_string(info.rc)}")
+        if info.mid in self._early:
+            code = self._early.pop(info.mid)
+        else:
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._acks[info.mid] = fut
+            try:
+                code = await asyncio.wait_for(fut, PUBACK_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                raise TransientError("no PUBACK from the broker in time") from None
+            finally:
+                self._acks.pop(info.mid, None)
+        if code >= 0x80:
+            log.error("broker refused a publish: check the ACL for this node",
+                      topic=topic, reason_code=code)
+            raise DeliveryRefused(f"broker refused publish to {topic} (reason code {code})")
+
