@@ -43,6 +43,7 @@ class Daemon:
         # Job keys to run, or commands to rehearse (dry runs need no lock).
         self.queue: asyncio.Queue[str | Command] = asyncio.Queue()
         self.reports_pending = asyncio.Event()
+        self.runner.on_report = self.reports_pending.set
         self.running: str | None = None
 
     @property

@@ -54,6 +54,8 @@ class Runner:
         }
         # Cancels for the job being run, honoured between handlers (never mid-step).
         self.cancel_requests: set[str] = set()
+        # Told about every queued report, so the reporter sends it at once.
+        self.on_report: Callable[[], None] = lambda: None
 
     # -- journal helpers ----------------------------------------------------
 
@@ -73,6 +75,7 @@ class Runner:
         if job.terminal and log_tail is None:
             log_tail = self._tail(job)
         job = self.node.journal.save(job, lambda j: build_report(j, log_tail=log_tail))
+        self.on_report()
         log.info("job state", job=job.key, state=state.value, reason=reason)
         fault_point(f"after:{state.value}")
         return job

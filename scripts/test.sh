@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 .venv/bin/ruff check agent tests bench
-.venv/bin/mypy agent tests/standins bench
+.venv/bin/mypy agent tests bench scripts
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -111,7 +111,7 @@ def test_bad_inputs_are_reported_and_the_daemon_keeps_serving(daemon: Daemon) ->
         daemon.send(f"garbage-{i:03d}", b"\x00\xff{not json" * (i % 7))
     for i, (_, _, needle) in enumerate(BAD, 1):
         key = f"rejected-bad-{i}"
-        wait_for(lambda key=key: daemon.final(key))  # type: ignore[misc]
+        wait_for(lambda key=key: daemon.final(key))
         (report,) = daemon.final(key)
         assert report["phase"] == "rejected" and needle in report["reason"], report
     daemon.send("good", {"jobName": "good-1", "version": "v1.13.0"})
@@ -154,7 +154,7 @@ def test_remote_dry_run_is_a_rehearsal(daemon: Daemon, sandbox: Sandbox) -> None
     daemon.send("d1", {"jobName": "rehearse-1", "version": "v1.13.0", "dryRun": True})
     daemon.send("d2", {"jobName": "check-1", "operation": "check", "version": "v1.13.0"})
     for key in ("rehearse-1", "check-1"):
-        wait_for(lambda key=key: daemon.final(key))  # type: ignore[misc]
+        wait_for(lambda key=key: daemon.final(key))
         (report,) = daemon.final(key)
         assert report["rehearsal"] is True and report["plan"]["verdict"] == "GO"
     assert (sandbox.binary.read_bytes(), sandbox.db.read_bytes()) == before

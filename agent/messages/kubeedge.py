@@ -24,17 +24,15 @@ from agent.versions import check_name
 
 V1ALPHA2_KIND = "operations.kubeedge.io/v1alpha2/nodeupgradejob"
 EDGEHUB_MODULE = "websocket"  # KubeEdge's EdgeHubModuleName: edge→cloud messages name it
-_KINDS = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object",
-          list: "a list"}
+_KINDS = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "a list"}
 _ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
 _REQUEST_KEYS = ("UpgradeID", "HistoryID", "Version", "UpgradeTool", "Image",
                  "ImageDigest", "RequireConfirmation")  # the last two since Era B
 _TASK_KEYS = ("TaskID", "Type", "State", "Item")
 _SPEC_KEYS = ("version", "timeoutSeconds", "image", "imageDigestGatter", "checkItems",
-              "requireConfirmation",
-              # Cloud-side scheduling fields: meaningless on the node, so ignored.
-              "nodeNames", "labelSelector", "concurrency", "failureTolerate")
+              "requireConfirmation", "nodeNames", "labelSelector", "concurrency",
+              "failureTolerate")  # the last four schedule the job cloud-side: ignored here
 _GATHERER_KEYS = ("value", "amd64", "arm64", "registryAPI")
 # Era B node states. The first message (""/Init) carries the whole request, and
 # Upgrading repeats it: the agent runs the whole flow from either, duplicates being
@@ -56,11 +54,17 @@ def parse_kubeedge(data: dict[str, Any], config: Config, source: str, *,
     A KubeEdge shape that is invalid raises InvalidCommand with a report-safe reason.
     ``arch`` overrides the machine architecture (tests; None: ``machine_arch()``).
     """
-    if "route" in data and "content" in data:
-        return _beehive(data, config, source, arch or machine_arch())
-    if "UpgradeID" in data:
-        # Era A/B request without the envelope: it names no node, so it is for this one.
-        return _request(data, config, source, job=None, node=None)
+    try:
+        if "route" in data and "content" in data:
+            return _beehive(data, config, source, arch or machine_arch())
+        if "UpgradeID" in data:
+            # Era A/B request without the envelope: it names no node, so it is for this one.
+            return _request(data, config, source, job=None, node=None)
+    except InvalidCommand as exc:
+        # build_command quotes bad values whole; a reason goes into reports, keep it short.
+        if len(exc.reason) > 240:
+            raise InvalidCommand(exc.reason[:237] + "...") from None
+        raise
     return None
 
 
@@ -111,8 +115,7 @@ def _content(content: Any) -> dict[str, Any]:
 def _beehive(msg: dict[str, Any], config: Config, source: str, arch: str) -> Command:
     _known(msg, ("header", "route", "content"), "message")
     _field(msg, "header", dict, "message")  # unused, but must be beehive's shape
-    route = _field(msg, "route", dict, "message")
-    if route is None:
+    if (route := _field(msg, "route", dict, "message")) is None:
         raise InvalidCommand("message.route must be an object")
     operation = _field(route, "operation", str, "route") or ""
     resource = _field(route, "resource", str, "route") or ""
@@ -166,8 +169,7 @@ def _request(req: dict[str, Any], config: Config, source: str, *, job: str | Non
     )
 
 
-def _task(task: dict[str, Any], config: Config, source: str, job: str,
-          node: str) -> Command:
+def _task(task: dict[str, Any], config: Config, source: str, job: str, node: str) -> Command:
     """Era B ``NodeTaskRequest``: only the message that starts the flow is a command."""
     where = "NodeTaskRequest"
     _known(task, _TASK_KEYS, where)
@@ -183,8 +185,7 @@ def _task(task: dict[str, Any], config: Config, source: str, job: str,
                              "the agent runs the whole flow from the first message")
     if state not in _START_STATES:
         raise InvalidCommand(f"unknown NodeTaskRequest.State {_show(state)}")
-    item = _field(task, "Item", dict, where)
-    if item is None:
+    if (item := _field(task, "Item", dict, where)) is None:
         raise InvalidCommand("NodeTaskRequest.Item must be an object")
     return _request(item, config, source, job=job, node=node, where=f"{where}.Item")
 
@@ -204,18 +205,14 @@ def _spec(spec: dict[str, Any], config: Config, source: str, *, job: str, node: 
         timeout_seconds=_field(spec, "timeoutSeconds", int, where) or None,
         check_items=_strings(spec, "checkItems", where),
         require_confirmation=bool(_field(spec, "requireConfirmation", bool, where)),
-        upgrade_tool="",
-        history_id="",  # v1alpha2 has none: the job name alone keys the command
+        upgrade_tool="", history_id="",  # v1alpha2 has none: the job name keys the command
         dry_run=False, source=source,
     )
 
 
 def _digest(gatherer: Any, arch: str) -> str | None:
-    """The digest to check from ``imageDigestGatter`` (KubeEdge's spelling).
-
-    v1alpha1 (Era B) gives one ``value``; v1alpha2 one digest per architecture. A
-    registry lookup (``registryAPI``) is implemented nowhere in KubeEdge either.
-    """
+    """The digest from ``imageDigestGatter`` (sic): v1alpha1 gives one ``value``,
+    v1alpha2 one per arch. ``registryAPI`` lookups are implemented nowhere in KubeEdge."""
     where = "imageDigestGatter"
     if gatherer is None:
         return None
@@ -239,11 +236,8 @@ def _digest(gatherer: Any, arch: str) -> str | None:
 
 
 def upstream_action_message(report: dict[str, Any], node_name: str) -> dict[str, Any] | None:
-    """KubeEdge v1alpha2's ``UpdateNodeActionStatus`` for the last action of a report.
-
-    The cloud appends each message to the node's actionFlow, so one is sent per
-    finished action; None when the report has no action yet.
-    """
+    """KubeEdge v1alpha2's ``UpdateNodeActionStatus`` for the last action of a report
+    (the cloud appends each to the node's actionFlow); None before the first action."""
     flow = report.get("actionFlow")
     if not isinstance(flow, list) or not flow:
         return None

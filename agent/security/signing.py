@@ -70,7 +70,6 @@ def is_signed(data: Mapping[str, Any]) -> bool:
 
 
 def _number(value: float) -> float:
-    # Integral values go out as ints: "1700000000" is the same in every JSON library.
     return int(value) if float(value).is_integer() else value
 
 
@@ -80,9 +79,8 @@ def _iso(ts: float) -> str:
 
 def _timestamp(value: Any) -> float:
     # bool is an int subclass; the range test is also false for NaN.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidCommand("malformed signature")
-    if not 0 <= value <= _MAX_TIMESTAMP:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 <= value <= _MAX_TIMESTAMP:
         raise InvalidCommand("malformed signature")
     return float(value)
 
@@ -110,7 +108,8 @@ def sign(
     cid = secrets.token_urlsafe(16) if command_id is None else command_id
     if not COMMAND_ID_RE.fullmatch(cid):
         raise InvalidCommand("bad commandId")
-    issued = _number(time.time() if now is None else now)
+    # By default whole seconds: an int serialises the same in every JSON library.
+    issued = _number(int(time.time()) if now is None else now)
     signed = {
         **payload,
         "commandId": cid,
@@ -188,7 +187,7 @@ def load_public_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
         paths = sorted(p for p in directory.iterdir() if p.name.endswith(".pub"))
     except OSError as exc:
         raise ConfigError(
-            f"cannot read trusted keys directory {str(directory)!r}: {exc.strerror}"
+            f"{directory}: cannot read trusted keys directory: {exc.strerror}"
         ) from None
     keys: dict[str, Ed25519PublicKey] = {}
     for path in paths:

@@ -92,7 +92,11 @@ class MqttTransport:
                     backoff = self.mqtt.reconnect_min_seconds
                     await client.subscribe(self.cmd_topic, qos=1)
                     await self.update_presence()
-                    fingerprint = await self._serve(client, fingerprint)
+                    try:
+                        fingerprint = await self._serve(client, fingerprint)
+                    except asyncio.CancelledError:
+                        await self._say_offline()
+                        raise
                     log.info("certificate files changed; reconnecting with the new ones")
                     continue  # a rotation is no failure: reconnect at once
             except aiomqtt.MqttError as exc:
@@ -106,6 +110,14 @@ class MqttTransport:
             # Full jitter, so a fleet that lost one broker does not return in lockstep.
             await asyncio.sleep(random.uniform(backoff / 2, backoff))  # noqa: S311
             backoff = min(backoff * 2, self.mqtt.reconnect_max_seconds)
+
+    async def _say_offline(self) -> None:
+        """A clean disconnect sends no will, so say "offline" ourselves (bounded)."""
+        try:
+            body = {**await self.presence(), "online": False}
+            await asyncio.wait_for(self._publish(self.presence_topic, body, retain=True), 2)
+        except (AgentError, asyncio.TimeoutError) as exc:
+            log.info("could not publish offline presence", error=str(exc))
 
     def _new_client(self, ctx: ssl.SSLContext, will: aiomqtt.Will) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

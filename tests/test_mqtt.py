@@ -1,0 +1,312 @@
+"""The daemon over MQTT v5 with mutual TLS, against a real Mosquitto with the ACL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from broker import Broker
+from conftest import REPO, Sandbox, wait_for
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pki import Pki, issue_client, make_pki
+
+from agent.security.signing import sign
+
+PREFIX = "kubeedge/nodes/{node}/upgrade"
+
+
+class Cloud:
+    """The controller side: publishes commands, collects status and presence."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.messages: list[tuple[str, dict[str, Any], bool]] = []
+        self.lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="cloud-controller",
+                                  protocol=paho.MQTTv5)
+        self.client.tls_set_context(broker.client_tls("cloud-controller"))
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self.client.reconnect_delay_set(1, 2)
+        self.connected = threading.Event()
+        # A persistent session, so reports sent while we reconnect are queued for us.
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", broker.port, keepalive=30, clean_start=False,
+                            properties=props)
+        self.client.loop_start()
+        assert self.connected.wait(10)
+
+    def _on_connect(self, client: paho.Client, *_: Any) -> None:
+        client.subscribe("kubeedge/nodes/+/upgrade/status", qos=1)
+        client.subscribe("kubeedge/nodes/+/upgrade/presence", qos=1)
+        self.connected.set()
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, json.loads(msg.payload), bool(msg.retain)))
+
+    def send(self, payload: bytes | dict[str, Any], node: str = "node-1") -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        info = self.client.publish(f"kubeedge/nodes/{node}/upgrade/cmd", data, qos=1)
+        info.wait_for_publish(10)
+
+    def status(self, job: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [m for t, m, _ in self.messages
+                    if t.endswith("/status") and job in (None, m.get("jobKey"))]
+
+    def finals(self, job: str) -> list[dict[str, Any]]:
+        return [m for m in self.status(job) if m.get("final")]
+
+    def presence(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [m for t, m, _ in self.messages if t.endswith("/presence")]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def broker(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(pki, tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def cloud(broker: Broker) -> Iterator[Cloud]:
+    c = Cloud(broker)
+    yield c
+    c.close()
+
+
+class Agent:
+    def __init__(self, box: Sandbox) -> None:
+        self.box = box
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log = (self.box.root.parent / "agent.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--config", str(self.box.config), "run"],
+            cwd=REPO, env=self.box.env(), stdout=self.log, stderr=self.log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def log_text(self) -> str:
+        return (self.box.root.parent / "agent.log").read_text(errors="replace")
+
+
+@pytest.fixture
+def agent(sandbox: Sandbox, broker: Broker, pki: Pki) -> Iterator[Agent]:
+    cert, key = pki.client("node-1")
+    sandbox.configure(transport={"kind": "mqtt", "mqtt": {
+        "host": "127.0.0.1", "port": broker.port, "ca_file": str(pki.ca_cert),
+        "cert_file": str(cert), "key_file": str(key), "reconnect_min_seconds": 0.2,
+        "reconnect_max_seconds": 1, "cert_check_interval_seconds": 0.3,
+        "labels": {"site": "factory-a"}}})
+    a = Agent(sandbox)
+    a.start()
+    yield a
+    a.stop(signal.SIGKILL)
+
+
+def online(cloud: Cloud) -> bool:
+    return any(p["online"] for p in cloud.presence())
+
+
+def test_each_command_format_runs_to_a_final_report(agent: Agent, cloud: Cloud,
+                                                     sandbox: Sandbox) -> None:
+    for v in ("v1.14.0", "v1.15.0", "v1.16.0"):
+        sandbox.image(v)
+    sandbox.configure(policy={"max_minor_skip": 9})
+    wait_for(lambda: online(cloud))
+    assert cloud.presence()[-1]["labels"] == {"site": "factory-a"}
+    cloud.send({"jobName": "ours", "version": "v1.13.0"})
+    cloud.send({"UpgradeID": "era-a", "HistoryID": "7c4e0f5e-0000-4000-8000-000000000001",
+                "Version": "v1.14.0", "UpgradeTool": "keadm",
+                "Image": "kubeedge/installation-package:v1.14.0"})
+    cloud.send({"header": {"msg_id": "m1", "parent_msg_id": "", "timestamp": 1, "sync": False},
+                "route": {"source": "nodeupgradejobcontroller",
+                          "group": "nodeupgradejobcontroller", "operation": "upgrade",
+                          "resource": "upgrade/beehive-a/node/node-1"},
+                "content": {"UpgradeID": "beehive-a", "HistoryID": "h-2", "Version": "v1.15.0",
+                            "UpgradeTool": "", "Image": "kubeedge/installation-package"}})
+    cloud.send({"header": {"msg_id": "m2", "timestamp": 2},
+                "route": {"source": "taskmanager", "group": "taskmanager", "operation": "Check",
+                          "resource": "operations.kubeedge.io/v1alpha2/nodeupgradejob/"
+                                      "v1a2/node/node-1"},
+                "content": {"version": "v1.16.0", "image": "kubeedge/installation-package",
+                            "timeoutSeconds": 300, "checkItems": ["disk"]}})
+    keys = ["ours", "era-a/7c4e0f5e-0000-4000-8000-000000000001", "beehive-a/h-2", "v1a2"]
+    for key in keys:
+        wait_for(lambda key=key: cloud.finals(key), timeout=60)
+        (final,) = cloud.finals(key)
+        assert final["result"] == "upgrade_success", final
+    assert sandbox.running_version() == "v1.16.0"
+    wait_for(lambda: cloud.presence()[-1]["edgecoreVersion"] == "v1.16.0")
+
+
+def test_command_queued_while_agent_is_down_is_not_lost(agent: Agent, cloud: Cloud) -> None:
+    wait_for(lambda: online(cloud))
+    agent.stop()
+    wait_for(lambda: not cloud.presence()[-1]["online"])  # the will (or a clean offline)
+    cloud.send({"jobName": "while-down", "version": "v1.13.0"})
+    agent.start()
+    wait_for(lambda: cloud.finals("while-down"), timeout=60)
+    assert cloud.finals("while-down")[0]["result"] == "upgrade_success"
+
+
+def test_broker_killed_mid_job_final_report_arrives_once(agent: Agent, cloud: Cloud,
+                                                          broker: Broker,
+                                                          sandbox: Sandbox) -> None:
+    sandbox.configure(health={"grace_seconds": 3})
+    wait_for(lambda: online(cloud))
+    cloud.send({"jobName": "outage", "version": "v1.13.0"})
+    wait_for(lambda: any(r["phase"] == "installing" for r in cloud.status("outage")))
+    broker.wait_saved()  # the controller's session must survive the crash
+    broker.kill()
+    # The job finishes offline; its reports wait in the journal's outbox.
+    wait_for(lambda: any(r["final"] for r in sandbox.reports() if r["jobKey"] == "outage"),
+             timeout=60)
+    time.sleep(2)  # stay offline a while: the agent must keep retrying, not give up
+    broker.start()
+    wait_for(lambda: cloud.finals("outage"), timeout=60)
+    wait_for(lambda: sandbox.reports() == [])
+    time.sleep(1.5)  # any duplicate would arrive now
+    assert len(cloud.finals("outage")) == 1
+
+
+def test_refused_publish_is_loud_and_the_report_is_kept(sandbox: Sandbox, broker: Broker,
+                                                        pki: Pki) -> None:
+    """node-1's certificate cannot publish node-2's status: PUBACK 135, nothing lost."""
+    cert, key = pki.client("node-1")
+    sandbox.configure(node_name="node-2", transport={"kind": "mqtt", "mqtt": {
+        "host": "127.0.0.1", "port": broker.port, "ca_file": str(pki.ca_cert),
+        "cert_file": str(cert), "key_file": str(key), "reconnect_min_seconds": 0.2}})
+    sandbox.cli("upgrade", "--to-version", "v1.12.1", "--yes")  # a skip: one final report
+    queued = len(sandbox.reports())
+    a = Agent(sandbox)
+    a.start()
+    try:
+        wait_for(lambda: "broker refused a publish" in a.log_text())
+        assert "reason_code" in a.log_text() and "135" in a.log_text()
+        assert len(sandbox.reports()) == queued
+    finally:
+        a.stop(signal.SIGKILL)
+
+
+def test_weak_client_key_is_refused_at_config_validation(sandbox: Sandbox, pki: Pki,
+                                                         tmp_path: Path) -> None:
+    cert, key = issue_client(pki, "node-1", key="rsa1024", directory=tmp_path / "weak")
+    sandbox.configure(transport={"kind": "mqtt", "mqtt": {
+        "ca_file": str(pki.ca_cert), "cert_file": str(cert), "key_file": str(key)}})
+    proc = sandbox.cli("config", "validate")
+    assert proc.returncode == 2
+    assert "RSA key of 1024 bits is too weak" in proc.stderr
+
+
+def _keys(tmp_path: Path) -> tuple[Ed25519PrivateKey, Path]:
+    priv = Ed25519PrivateKey.generate()
+    keys = tmp_path / "trusted"
+    keys.mkdir()
+    (keys / "ops-1.pub").write_bytes(priv.public_key().public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    return priv, keys
+
+
+def test_signed_commands_forged_expired_replayed(sandbox: Sandbox, broker: Broker, pki: Pki,
+                                                 cloud: Cloud, tmp_path: Path) -> None:
+    priv, keys = _keys(tmp_path)
+    sandbox.configure(security={"require_signed_commands": True,
+                                "trusted_keys_dir": str(keys)})
+    cert, key = pki.client("node-1")
+    sandbox.configure(transport={"kind": "mqtt", "mqtt": {
+        "host": "127.0.0.1", "port": broker.port, "ca_file": str(pki.ca_cert),
+        "cert_file": str(cert), "key_file": str(key), "reconnect_min_seconds": 0.2}})
+    a = Agent(sandbox)
+    a.start()
+    try:
+        wait_for(lambda: online(cloud))
+        cloud.send({"jobName": "unsigned", "version": "v1.13.0"})
+        forged = sign({"jobName": "forged", "version": "v1.13.0"}, priv, "ops-1")
+        forged["signed"]["version"] = "v1.13.0"
+        forged["signed"]["jobName"] = "forged"
+        other = sign({"jobName": "forged", "version": "v1.13.0"}, Ed25519PrivateKey.generate(),
+                     "ops-1")
+        cloud.send(other)
+        expired = sign({"jobName": "expired", "version": "v1.13.0"}, priv, "ops-1",
+                       now=time.time() - 7200, ttl_seconds=60)
+        cloud.send(expired)
+        good = sign({"jobName": "signed-ok", "version": "v1.13.0"}, priv, "ops-1")
+        cloud.send(good)
+        expect = {"rejected-unsigned": "unsigned command", "rejected-forged": "bad signature",
+                  "rejected-expired": "command expired"}
+        for job, needle in expect.items():
+            wait_for(lambda job=job: cloud.finals(job))
+            assert needle in cloud.finals(job)[0]["reason"], cloud.finals(job)
+        wait_for(lambda: cloud.finals("signed-ok"), timeout=60)
+        assert cloud.finals("signed-ok")[0]["result"] == "upgrade_success"
+        cloud.send(good)  # the same signed bytes again, after the job ran
+        wait_for(lambda: cloud.finals("rejected-signed-ok"))
+        assert "replayed command" in cloud.finals("rejected-signed-ok")[0]["reason"]
+        assert len(cloud.finals("signed-ok")) == 1
+    finally:
+        a.stop(signal.SIGKILL)
+
+
+def test_burst_of_malformed_messages(agent: Agent, cloud: Cloud) -> None:
+    wait_for(lambda: online(cloud))
+    for i in range(1000):
+        cloud.client.publish("kubeedge/nodes/node-1/upgrade/cmd", b"{not json %d" % i, qos=1)
+    cloud.send({"jobName": "after-burst", "version": "v1.13.0"})
+    wait_for(lambda: cloud.finals("after-burst"), timeout=120)
+    assert cloud.finals("after-burst")[0]["result"] == "upgrade_success"
+
+
+def test_certificate_rotation_keeps_commands_flowing(agent: Agent, cloud: Cloud, pki: Pki,
+                                                     broker: Broker, tmp_path: Path) -> None:
+    wait_for(lambda: online(cloud))
+    cert, key = pki.client("node-1")
+    new_cert, new_key = issue_client(pki, "node-1", key="rsa2048", directory=tmp_path / "new")
+    # Replace by rename, as cert tooling does: never a half-written file.
+    for src, dst in ((new_key, key), (new_cert, cert)):
+        tmp = dst.with_suffix(".tmp")
+        tmp.write_bytes(src.read_bytes())
+        tmp.replace(dst)
+    wait_for(lambda: "certificate files changed" in agent.log_text())
+    wait_for(lambda: agent.log_text().count('"connected to broker"') >= 2)
+    cloud.send({"jobName": "after-rotation", "version": "v1.13.0"})
+    wait_for(lambda: cloud.finals("after-rotation"), timeout=60)
+
+
+def test_presence_will_on_crash(agent: Agent, cloud: Cloud) -> None:
+    wait_for(lambda: online(cloud))
+    assert cloud.presence()[-1]["edgecoreVersion"] == "v1.12.1"
+    agent.stop(signal.SIGKILL)
+    wait_for(lambda: cloud.presence()[-1]["online"] is False)
+
