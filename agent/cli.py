@@ -31,6 +31,7 @@ from agent.node import Node, build_node
 from agent.plan import GO, SKIP, make_plan
 from agent.runner import Runner
 from agent.states import State
+from agent.steps.backup import list_backups
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ROLLBACK_FAILED, EXIT_BUSY, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
 
@@ -229,8 +230,7 @@ async def _status(node: Node, out: Output) -> int:
         "lockHeld": node.lock.held_by_other(),
         "keadmMarker": node.keadm_marker.exists(),
         "pendingReports": len(node.journal.outbox(limit=10000)),
-        "backups": sorted(d.name for d in node.backup_root.glob("*/manifest.json")
-                          for d in [d.parent]) if node.backup_root.is_dir() else [],
+        "backups": [str(v) for v in list_backups(node.backup_root)],
     }
     text = "\n".join(f"{k}: {v}" for k, v in data.items())
     out.emit(data, text)

@@ -23,6 +23,7 @@ from agent.intake import Accepted, Intake
 from agent.messages.commands import Command, Operation, peek_job_name
 from agent.node import Node, build_node
 from agent.runner import Runner
+from agent.states import NODE_TOUCHED
 from agent.systemd_notify import sd_notify, watchdog_interval
 from agent.transport.base import Inbound, Transport
 from agent.transport.mqtt import MqttTransport
@@ -40,8 +41,7 @@ class Daemon:
         self.runner = Runner(node)
         self.intake_parser = intake
         self.transport: Transport | None = None
-        # Job keys to run, or commands to rehearse (dry runs need no lock).
-        self.queue: asyncio.Queue[str | Command] = asyncio.Queue()
+        self.queue: asyncio.Queue[str] = asyncio.Queue()  # keys of jobs to run
         self.reports_pending = asyncio.Event()
         self.runner.on_report = self.reports_pending.set
         self.running: str | None = None
@@ -56,7 +56,9 @@ class Daemon:
     async def intake(self) -> None:
         async for msg in self.link.commands():
             try:
-                self.accept(msg)
+                rehearsal = self.accept(msg)
+                if rehearsal is not None:
+                    await self._rehearse(rehearsal)
             except JournalError as exc:
                 # Not journalled, so not acked: the transport delivers it again.
                 log.error("journal write failed; command kept for retry", error=exc.reason)
@@ -70,23 +72,28 @@ class Daemon:
             await msg.ack()
             self.reports_pending.set()
 
-    def accept(self, msg: Inbound) -> None:
-        """Parse, authenticate, validate, dedupe and journal one command."""
+    def accept(self, msg: Inbound) -> Command | None:
+        """Parse, authenticate, validate, dedupe and journal one command.
+
+        Returns a command to rehearse (which intake journals before the ack).
+        """
         try:
             accepted = self.intake_parser.parse(msg.payload, msg.source)
+            if accepted.command.dry_run and accepted.command.operation == Operation.ROLLBACK:
+                raise InvalidCommand("rollback has no dry run; use check or status")
         except InvalidCommand as exc:
             self._reject(msg, exc.reason)
-            return
+            return None
         cmd = accepted.command
         if self._replayed(accepted):
             self._reject(msg, f"replayed command {accepted.command_id} (job {cmd.key} already ran)")
-            return
+            return None
         if cmd.operation == Operation.CONFIRM:
             self._confirm(cmd)
         elif cmd.operation == Operation.CANCEL:
             self._cancel(cmd)
         elif cmd.dry_run or cmd.operation == Operation.CHECK:
-            self.queue.put_nowait(replace(cmd, dry_run=True))
+            return replace(cmd, dry_run=True)
         else:
             job, new = self.runner.submit(cmd)
             if new:
@@ -95,6 +102,15 @@ class Daemon:
                 self.runner.resend_final(job)
             else:
                 log.info("duplicate command ignored while its job runs", job=job.key)
+        return None
+
+    async def _rehearse(self, cmd: Command) -> None:
+        existing = self.node.journal.get(cmd.key)
+        if existing is not None:
+            if existing.terminal:
+                self.runner.resend_final(existing)
+            return
+        await rehearse(self.node, cmd)
 
     def _replayed(self, accepted: Accepted) -> bool:
         """A signed command seen before whose job is over is a replay.
@@ -116,7 +132,7 @@ class Daemon:
             return
         try:
             self.runner.confirm(job)
-        except Busy as exc:
+        except InvalidCommand as exc:
             log.warning("confirm ignored", job=cmd.key, reason=exc.reason)
             return
         self.queue.put_nowait(job.key)
@@ -125,9 +141,11 @@ class Daemon:
         job = self.node.journal.get(cmd.key)
         if job is None:
             log.warning("cancel for an unknown job ignored", job=cmd.key)
-        elif job.key == self.running:
+        elif job.key == self.running and job.state not in NODE_TOUCHED:
             self.runner.cancel_requests.add(job.key)  # the worker acts between steps
         else:
+            # Not running, finished, or past the installer: answered now (refusals
+            # only queue a report, so they cannot race the worker's state writes).
             self.runner.cancel(job)
 
     def _reject(self, msg: Inbound, reason: str) -> None:
@@ -144,11 +162,6 @@ class Daemon:
     async def worker(self) -> None:
         while True:
             item = await self.queue.get()
-            if isinstance(item, Command):
-                if self.node.journal.get(item.key) is None:
-                    await rehearse(self.node, item)
-                    self.reports_pending.set()
-                continue
             job = self.node.journal.get(item)
             if job is None or job.terminal:
                 continue

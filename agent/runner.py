@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from agent.adapters.keadm import InstallSpec, custom_argv, keadm_argv
-from agent.errors import AgentError, Busy, InstallError, PrecheckFailed
+from agent.errors import AgentError, Busy, InstallError, InvalidCommand, PrecheckFailed
 from agent.faults import fault_point
 from agent.journal import ActionStatus, Job, utc_now
 from agent.locks import check_marker, keadm_pids
@@ -157,24 +157,27 @@ class Runner:
 
     async def _received(self, job: Job) -> Job:
         cmd = job.command
-        if cmd.operation == Operation.ROLLBACK:
-            return await self._manual_rollback(job)
         if cmd.operation == Operation.PREPULL:
             return await self._prepull(job)
         try:
+            # A keadm at work (ours or anyone's) rules out an upgrade and a rollback alike.
             marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds, clear_stale=True)
         except Busy as exc:
             return self.advance(job, State.FAILED, exc.reason, action=(Action.CHECK, False),
                                 notes={"refusal": "busy"})
+        if cmd.operation == Operation.ROLLBACK:
+            return await self._manual_rollback(job)
         if marker.stale:
             log.warning("cleared a stale keadm marker", age_s=round(marker.age_seconds))
             job = self.advance(job, job.state, f"cleared a stale keadm marker "
                                f"({self.node.keadm_marker.name}, {marker.describe()})")
         detected = await self.node.probe.detect()
-        if detected is not None and detected.version == cmd.target:
-            # Decided before the image is looked at: a skip needs no package.
-            return self.advance(replace(job, from_version=str(detected.version)), State.SKIPPED,
-                                f"already at {cmd.target}", action=(Action.CHECK, True))
+        if detected is not None:
+            job = replace(job, from_version=str(detected.version))
+            if detected.version == cmd.target:
+                # Decided before the image is looked at: a skip needs no package.
+                return self.advance(job, State.SKIPPED, f"already at {cmd.target}",
+                                    action=(Action.CHECK, True))
         try:
             info = await self.node.images.inspect(cmd.image.with_tag(str(cmd.target)))
             image_bytes = info.size
@@ -215,7 +218,7 @@ class Runner:
 
     def confirm(self, job: Job) -> Job:
         if job.state != State.AWAITING_CONFIRMATION:
-            raise Busy(f"job {job.key} is {job.state.value}, not awaiting confirmation")
+            raise InvalidCommand(f"job {job.key} is {job.state.value}, not awaiting confirmation")
         return self.advance(job, State.PRECHECKED, "confirmed", notes={"confirmed": "yes"})
 
     async def _image_ready(self, job: Job) -> Job:

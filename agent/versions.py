@@ -60,13 +60,20 @@ class Version:
         m = VERSION_RE.fullmatch(text) if isinstance(text, str) else None
         if m is None:
             raise InvalidCommand(
-                f"bad version string {text!r}: expected vMAJOR.MINOR.PATCH[-suffix], e.g. v1.13.0"
+                f"bad version string {_quote(text)}: expected vMAJOR.MINOR.PATCH[-suffix], "
+                "e.g. v1.13.0"
             )
         return cls(int(m[1]), int(m[2]), int(m[3]), m[4] or "~")
 
     def __str__(self) -> str:
         base = f"v{self.major}.{self.minor}.{self.patch}"
         return base if self.pre == "~" else f"{base}-{self.pre}"
+
+
+def _quote(value: object, limit: int = 80) -> str:
+    """Quote a rejected value for a reason, cut so a hostile value cannot bloat reports."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def version_from_kubelet(kubelet_version: str) -> Version | None:
@@ -77,7 +84,7 @@ def version_from_kubelet(kubelet_version: str) -> Version | None:
 
 def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or len(value) > 253 or not NAME_RE.fullmatch(value):
-        raise InvalidCommand(f"bad {kind} {value!r}: expected a lowercase DNS-1123 name")
+        raise InvalidCommand(f"bad {kind} {_quote(value)}: expected a lowercase DNS-1123 name")
     return value
 
 
@@ -111,7 +118,7 @@ class ImageRef:
 def parse_image(text: str) -> ImageRef:
     if not isinstance(text, str) or len(text) > 512 or not (m := IMAGE_RE.fullmatch(text)):
         raise InvalidCommand(
-            f"bad image reference {text!r}: expected [registry[:port]/]path[:tag][@sha256:…]"
+            f"bad image reference {_quote(text)}: expected [registry[:port]/]path[:tag][@sha256:…]"
         )
     repo = f"{m['host']}/{m['path']}" if m["host"] else m["path"]
     return ImageRef(repo, m["tag"], m["digest"])
@@ -119,7 +126,7 @@ def parse_image(text: str) -> ImageRef:
 
 def check_digest(text: str) -> str:
     if not isinstance(text, str) or not DIGEST_RE.fullmatch(text):
-        raise InvalidCommand(f"bad image digest {text!r}: expected sha256:<64 hex>")
+        raise InvalidCommand(f"bad image digest {_quote(text)}: expected sha256:<64 hex>")
     return text
 
 

@@ -171,3 +171,29 @@ def test_require_confirmation_parks_until_confirm(daemon: Daemon, sandbox: Sandb
     assert final["phase"] == "succeeded"
     assert [a["action"] for a in final["actionFlow"]] == [
         "Check", "WaitingConfirmation", "BackUp", "Upgrade"]
+
+
+def test_cancel_before_install_and_refused_after(daemon: Daemon, sandbox: Sandbox) -> None:
+    daemon.send("p1", {"jobName": "parked", "version": "v1.13.0", "requireConfirmation": True})
+    wait_for(lambda: any(r["phase"] == "awaiting_confirmation" for r in daemon.reports("parked")))
+    daemon.send("p2", {"jobName": "parked", "operation": "cancel"})
+    wait_for(lambda: daemon.final("parked"))
+    assert daemon.final("parked")[0]["reason"] == "cancelled by the operator before installing"
+    sandbox.image("v1.13.0", keadm_behaviour="hang")
+    daemon.send("h1", {"jobName": "hanging", "version": "v1.13.0", "timeoutSeconds": 3})
+    wait_for(lambda: any(r["phase"] == "installing" for r in daemon.reports("hanging")))
+    daemon.send("h2", {"jobName": "hanging", "operation": "cancel"})
+    wait_for(lambda: daemon.final("hanging"))
+    reasons = [r["reason"] for r in daemon.reports("hanging")]
+    assert any(r.startswith("cancel refused: job is installing") for r in reasons), reasons
+    assert daemon.final("hanging")[0]["phase"] == "rolled_back"
+
+
+def test_prepull_and_rollback_dry_run(daemon: Daemon) -> None:
+    daemon.send("r1", {"jobName": "rb-dry", "operation": "rollback", "dryRun": True})
+    daemon.send("p1", {"jobName": "pp", "operation": "prepull", "version": "v1.13.0"})
+    wait_for(lambda: daemon.final("rejected-rb-dry"))
+    assert "rollback has no dry run" in daemon.final("rejected-rb-dry")[0]["reason"]
+    wait_for(lambda: daemon.final("pp"))
+    (final,) = daemon.final("pp")
+    assert final["result"] == "prepull_success" and "prepulled" in final["reason"]

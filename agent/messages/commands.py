@@ -112,7 +112,7 @@ def build_command(
 ) -> Command:
     """Validate every field; the one way a Command gets built from outside input."""
     check_name("job name", job_name)
-    node = check_name("node name", node_name or config.node_name)
+    node = check_name("node name", config.node_name if node_name is None else node_name)
     if node != config.node_name:
         raise InvalidCommand(f"command is for node {node!r}, this is {config.node_name!r}")
     target = Version.parse(version) if version else None
@@ -127,13 +127,18 @@ def build_command(
     ref = ImageRef(ref.repo)
     if image_digest is not None:
         check_digest(image_digest)
+    # 0 or absent means the default, as KubeEdge's timeoutSeconds does.
     timeout = timeout_seconds if timeout_seconds else config.default_timeout_seconds
-    if not isinstance(timeout, int) or not 1 <= timeout <= 86400:
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 86400:
         raise InvalidCommand(f"bad timeoutSeconds {timeout!r}: expected 1..86400")
+    if not isinstance(require_confirmation, bool):
+        raise InvalidCommand("requireConfirmation must be true or false")
     for item in check_items:
-        if item not in CHECK_ITEMS:
+        if not isinstance(item, str) or item not in CHECK_ITEMS:
             raise InvalidCommand(f"unknown checkItem {item!r}: expected one of cpu, mem, disk")
-    if upgrade_tool not in ("", "keadm") and config.installer(upgrade_tool) is None:
+    if isinstance(upgrade_tool, str) and upgrade_tool.lower() == "keadm":
+        upgrade_tool = ""  # one name for the built-in installer, whoever spelled it
+    if upgrade_tool and config.installer(upgrade_tool) is None:
         raise InvalidCommand(f"unknown upgradeTool {upgrade_tool!r}: not in the installers config")
     if history_id and not HISTORY_ID_RE.fullmatch(history_id):
         raise InvalidCommand(f"bad historyID {history_id!r}")

@@ -167,15 +167,9 @@ def list_backups(backup_root: Path) -> list[Version]:
 
 def prune_backups(backup_root: Path, keep: int, protect: str | None = None) -> list[str]:
     """Keep the newest ``keep`` whole backups (ours: those with a manifest)."""
-    if not backup_root.is_dir():
-        return []
-    dirs = [d for d in backup_root.iterdir()
-            if d.is_dir() and (d / MANIFEST).is_file()
-            and not d.name.endswith((".partial", ".old"))]
-    dirs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
     removed = []
-    for d in dirs[keep:]:
-        if d.name != protect:
-            shutil.rmtree(d)
-            removed.append(d.name)
+    for version in list_backups(backup_root)[:-keep]:
+        if str(version) != protect:
+            shutil.rmtree(backup_root / str(version))
+            removed.append(str(version))
     return removed
