@@ -193,7 +193,7 @@ def test_broker_killed_mid_job_final_report_arrives_once(agent: Agent, cloud: Cl
     # The job finishes offline; its reports wait in the journal's outbox.
     wait_for(lambda: any(r["final"] for r in sandbox.reports() if r["jobKey"] == "outage"),
              timeout=60)
-    time.sleep(2)  # stay offline a while: the agent must keep retrying, not give up
+    time.sleep(8)  # stay offline a while: the agent must keep retrying, not give up
     broker.start()
     wait_for(lambda: cloud.finals("outage"), timeout=60)
     wait_for(lambda: sandbox.reports() == [])
