@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from agent.config_reader import Section
 from agent.errors import ConfigError, InvalidCommand
 from agent.tls import TlsFiles, check_tls_files
 from agent.versions import NAME_RE, VersionPolicy, parse_image
@@ -58,10 +59,32 @@ class Health:
 
 
 @dataclass(frozen=True)
+class RegistryAuth:
+    registry: str  # host[:port] as in image references; docker.io for Docker Hub
+    username: str
+    password_file: str  # a file, so systemd's LoadCredential= can provide it
+
+
+@dataclass(frozen=True)
 class Images:
     backend: str = "local"
     default_repo: str = "kubeedge/installation-package"
     local_dir: str = "/var/lib/edge-upgrade-agent/images"
+    # Checked at intake, before any network call. Empty repositories: any in
+    # an allowed registry; entries ending in "/*" match a prefix.
+    allowed_registries: tuple[str, ...] = ("docker.io",)
+    allowed_repositories: tuple[str, ...] = ()
+    docker_host: str = "unix:///var/run/docker.sock"
+    docker_config: str | None = "/root/.docker/config.json"
+    credentials: tuple[RegistryAuth, ...] = ()
+    progress_interval_seconds: float = 5.0
+
+    def allows(self, registry: str, repo: str) -> bool:
+        if registry not in self.allowed_registries:
+            return False
+        return not self.allowed_repositories or any(
+            repo == pat or (pat.endswith("/*") and repo.startswith(pat[:-1]))
+            for pat in self.allowed_repositories)
 
 
 @dataclass(frozen=True)
@@ -130,72 +153,8 @@ class Config:
         return replace(self, paths=replace(self.paths, root=root.resolve()))
 
 
-class _Section:
-    """Typed access to one mapping of the YAML document, naming keys in errors."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where or 'config'}: expected a mapping")
-        for key in data:
-            if not isinstance(key, str):
-                raise ConfigError(f"{where or 'config'}: key {key!r} is not a string")
-        self.data: dict[str, Any] = data
-        self.where = where
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self.used.add(name)
-        value = self.data.get(name, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) and kind in (int, float, (int, float)):
-            raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
-        if not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise ConfigError(f"{self.key(name)}: expected {names}, got {value!r}")
-        return value
-
-    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
-        value = self.get(name, int, default)
-        if not lo <= value <= hi:
-            raise ConfigError(f"{self.key(name)}: {value} is outside {lo}..{hi}")
-        return int(value)
-
-    def number(self, name: str, default: float, lo: float, hi: float) -> float:
-        value = float(self.get(name, (int, float), default))
-        if not lo <= value <= hi:
-            raise ConfigError(f"{self.key(name)}: {value:g} is outside {lo:g}..{hi:g}")
-        return value
-
-    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
-        value = str(self.get(name, str, default))
-        if value not in options:
-            raise ConfigError(f"{self.key(name)}: {value!r} is not one of {', '.join(options)}")
-        return value
-
-    def path(self, name: str, default: str | None) -> Any:
-        value = self.get(name, str, default)
-        if value is not None and not value.startswith("/"):
-            raise ConfigError(f"{self.key(name)}: {value!r} must be an absolute path")
-        return value
-
-    def section(self, name: str) -> _Section:
-        self.used.add(name)
-        return _Section(self.data.get(name), self.key(name))
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
-
-
 def parse_config(data: Any) -> Config:
-    top = _Section(data, "")
+    top = Section(data, "")
     node_name = top.get("node_name", str, None)
     if node_name is None:
         node_name = os.uname().nodename.lower()
@@ -253,10 +212,18 @@ def parse_config(data: Any) -> Config:
 
     im = top.section("images")
     images = Images(
-        im.choice("backend", "local", ("local",)),  # docker: issue 4
+        im.choice("backend", "local", ("local", "docker")),
         im.get("default_repo", str, Images.default_repo),
         im.path("local_dir", Images.local_dir),
+        _strings(im, "allowed_registries", Images.allowed_registries),
+        _strings(im, "allowed_repositories", ()),
+        im.get("docker_host", str, Images.docker_host),
+        im.path("docker_config", Images.docker_config),
+        _credentials(im.section("credentials")),
+        im.number("progress_interval_seconds", 5, 0.1, 3600),
     )
+    if not images.docker_host.startswith(("unix://", "tcp://", "ssh://")):
+        raise ConfigError(f"images.docker_host: {images.docker_host!r} is not a docker URL")
     try:
         ref = parse_image(images.default_repo)
     except InvalidCommand as exc:
@@ -312,7 +279,7 @@ def parse_config(data: Any) -> Config:
     )
 
 
-def _mqtt(m: _Section) -> Mqtt:
+def _mqtt(m: Section) -> Mqtt:
     labels = m.get("labels", dict, {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise ConfigError(f"{m.key('labels')}: expected a mapping of strings to strings")
@@ -340,12 +307,32 @@ def _mqtt(m: _Section) -> Mqtt:
     return mqtt
 
 
+def _strings(section: Section, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = section.get(name, list, list(default))
+    if not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{section.key(name)}: expected a list of non-empty strings")
+    return tuple(value)
+
+
+def _credentials(section: Section) -> tuple[RegistryAuth, ...]:
+    out = []
+    for registry in sorted(section.data):
+        entry = section.section(registry)
+        username = entry.get("username", str, None)
+        password_file = entry.path("password_file", None)
+        if not username or not password_file:
+            raise ConfigError(f"{entry.where}: needs username and password_file")
+        entry.done()
+        out.append(RegistryAuth(registry, username, password_file))
+    return tuple(out)
+
+
 def tls_files(config: Config) -> TlsFiles:
     m = config.transport.mqtt
     return TlsFiles(Path(m.ca_file), Path(m.cert_file), Path(m.key_file))
 
 
-def _installer(section: _Section, name: str) -> tuple[str, ...]:
+def _installer(section: Section, name: str) -> tuple[str, ...]:
     argv = section.get(name, list, None)
     where = section.key(name)
     if not NAME_RE.fullmatch(name):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.adapters.docker_images import DockerImageBackend
 from agent.adapters.edgecore import EdgecoreProbe
 from agent.adapters.images import ImageBackend, LocalDirImageBackend
 from agent.adapters.service import ProcessManager, ServiceManager, SystemctlManager
 from agent.config import Config
-from agent.errors import ConfigError
 from agent.journal import Journal
 from agent.locks import JobLock
 
@@ -62,9 +62,8 @@ def build_node(config: Config, images: ImageBackend | None = None) -> Node:
             config.paths.node("/var/log/edgecore.log"),
         )
     if images is None:
-        if config.images.backend != "local":
-            raise ConfigError(
-                f"images.backend: {config.images.backend!r} is not available in this build"
-            )
-        images = LocalDirImageBackend(config.paths.node(config.images.local_dir))
+        if config.images.backend == "docker":
+            images = DockerImageBackend(config.images)
+        else:
+            images = LocalDirImageBackend(config.paths.node(config.images.local_dir))
     return Node(config, journal, service, probe, images, JobLock(config.state_dir / "agent.lock"))

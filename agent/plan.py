@@ -61,7 +61,7 @@ async def make_plan(node: Node, cmd: Command) -> Plan:
         info = await node.images.inspect(ref)
         verify_digest(info, cmd.image_digest)
         image |= {"digest": info.digest, "size": info.size, "presentLocally": info.present_locally}
-        image_bytes = info.size
+        image_bytes = 0 if info.present_locally else info.size
         extra.append(CheckResult("image", True, f"{ref} exists, digest {info.digest}"))
     except AgentError as exc:
         extra.append(CheckResult("image", False, exc.reason))

@@ -180,7 +180,7 @@ class Runner:
                                     action=(Action.CHECK, True))
         try:
             info = await self.node.images.inspect(cmd.image.with_tag(str(cmd.target)))
-            image_bytes = info.size
+            image_bytes = 0 if info.present_locally else info.size
         except AgentError as exc:
             return self.advance(job, State.FAILED, f"image: {exc.reason}",
                                 action=(Action.CHECK, False), notes={"refusal": "precheck"})
@@ -197,7 +197,7 @@ class Runner:
         if cmd.require_confirmation and job.note("confirmed") != "yes":
             return self.advance(job, State.AWAITING_CONFIRMATION, "waiting for confirmation")
         try:
-            staged = await stage_image(self.node, cmd, lambda msg: log.info(msg, job=job.key))
+            staged = await stage_image(self.node, cmd, lambda msg: self._progress(job, msg))
         except AgentError as exc:
             return self.advance(job, State.FAILED, f"image: {exc.reason}",
                                 action=(Action.CHECK, False))
@@ -205,6 +205,12 @@ class Runner:
                            notes={"keadm": str(staged.keadm), "digest": staged.info.digest})
         return self.advance(job, State.IMAGE_READY, f"image {staged.info.digest} ready",
                             action=(Action.WAITING_CONFIRMATION, True))
+
+    def _progress(self, job: Job, message: str) -> None:
+        """Pull progress as a report of its own (already throttled by the backend)."""
+        log.info(message, job=job.key)
+        self.node.journal.event(job.key, lambda j: build_report(replace(j, reason=message)))
+        self.on_report()
 
     def cancel(self, job: Job) -> Job:
         """Cancel before the installer runs; afterwards only rollback is safe, so refuse."""

@@ -45,6 +45,9 @@ class ImageBackend(Protocol):
     async def extract(self, ref: ImageRef, files: list[str], dest: Path) -> dict[str, Path]:
         """Copy ``files`` (absolute paths in the image) into ``dest``, mode 0755."""
 
+    async def storage_path(self) -> Path | None:
+        """Where pulled images take their space (None: the agent's state dir)."""
+
 
 def verify_digest(info: ImageInfo, expected: str | None) -> None:
     if expected and info.digest != expected:
@@ -81,6 +84,9 @@ class LocalDirImageBackend:
             raise FatalError(f"image {ref} not found in {self.root}")
         digest, size = await asyncio.to_thread(self._digest, tree)
         return ImageInfo(ref, digest, size, present_locally=True)
+
+    async def storage_path(self) -> Path | None:
+        return None
 
     async def pull(self, ref: ImageRef, deadline: float, progress: Progress) -> ImageInfo:
         info = await self.inspect(ref)

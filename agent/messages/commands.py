@@ -125,6 +125,10 @@ def build_command(
         image_digest = ref.digest
     # Like KubeEdge, the tag always follows the version: the repo is what counts.
     ref = ImageRef(ref.repo)
+    if not config.images.allows(ref.registry, ref.repo):
+        raise InvalidCommand(
+            f"image registry or repository not allowed: {ref.repo} (registry {ref.registry}; "
+            "see images.allowed_registries and images.allowed_repositories)")
     if image_digest is not None:
         check_digest(image_digest)
     # 0 or absent means the default, as KubeEdge's timeoutSeconds does.

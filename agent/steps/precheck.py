@@ -41,6 +41,7 @@ class PrecheckReport:
 
 async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
                         lock_held: bool = False) -> PrecheckReport:
+    """All checks; ``image_bytes`` is what the pull still needs (0 if present)."""
     cfg = node.config
     checks: list[CheckResult] = []
 
@@ -79,14 +80,20 @@ async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
         ok = used <= limits[item]
         add(item, ok, f"{used:.1f}% used (limit {limits[item]:g}%)")
 
-    # The backup lands beside /etc/kubeedge, the image files in the state dir.
+    # The backup lands beside /etc/kubeedge; the image in docker's data root
+    # (or, for unpacked images, the state dir). Same filesystem: one sum.
     backup_bytes = tree_size(files.all())
     free = resources.free_bytes(node.backup_root)
     needed = backup_bytes + cfg.precheck.reserve_bytes
-    state_dev = os.stat(resources.existing_parent(node.state_dir)).st_dev
+    image_root = await node.images.storage_path() or node.state_dir
+    image_dev = os.stat(resources.existing_parent(image_root)).st_dev
     backup_dev = os.stat(resources.existing_parent(node.backup_root)).st_dev
-    if state_dev == backup_dev:
+    if image_dev == backup_dev:
         needed += image_bytes
+    elif image_bytes:
+        image_free = resources.free_bytes(image_root)
+        add("image-space", image_free >= image_bytes + cfg.precheck.reserve_bytes,
+            f"{image_free} bytes free in {image_root}, image needs {image_bytes}")
     add("free-space", free >= needed,
         f"{free} bytes free, {needed} needed (backup {backup_bytes} + image {image_bytes}"
         f" + reserve {cfg.precheck.reserve_bytes})"

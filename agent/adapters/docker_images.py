@@ -1,0 +1,298 @@
+"""ImageBackend through Docker Engine, with registry credentials and digest checks.
+
+KubeEdge pulls the installation package with no credentials at all, so a
+private registry cannot serve upgrades (#4721, #5004, #5395, #5680, #6011).
+Here the credentials come from the agent config (username + password file,
+for systemd's LoadCredential=) or docker's config.json, and never reach a
+log, report or exception. The docker SDK is blocking and untyped: every call
+runs in a thread, and the SDK is imported only when an image is needed, so
+the idle daemon does not pay for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.adapters.files import fsync_dir
+from agent.adapters.images import ImageInfo, Progress
+from agent.config import Images
+from agent.errors import FatalError, TransientError
+from agent.versions import ImageRef
+
+HUB_KEYS = ("docker.io", "https://index.docker.io/v1/", "index.docker.io")
+MAX_EXTRACT_BYTES = 512 * 1024 * 1024
+
+
+def classify(message: str, status: int | None = None) -> Exception:
+    """Registry and daemon errors: fatal ones at once, the rest worth a retry."""
+    text = message.lower()
+    if status in (401, 403) or any(w in text for w in ("unauthorized", "authentication required",
+                                                        "denied", "forbidden")):
+        return FatalError(f"registry refused the credentials: {message[:200]}")
+    if status == 404 or any(w in text for w in ("manifest unknown", "not found",
+                                                "does not exist", "manifest for")):
+        return FatalError(f"image not found in the registry: {message[:200]}")
+    return TransientError(f"registry or docker error: {message[:200]}")
+
+
+class DockerImageBackend:
+    def __init__(self, images: Images) -> None:
+        self.images = images
+
+    # -- credentials --------------------------------------------------------
+
+    def auth_for(self, registry: str) -> dict[str, str] | None:
+        for cred in self.images.credentials:
+            if cred.registry == registry:
+                try:
+                    password = Path(cred.password_file).read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise FatalError(f"cannot read the password file for {registry}: "
+                                     f"{exc.strerror}") from None
+                return {"username": cred.username, "password": password}
+        return self._from_docker_config(registry)
+
+    def _from_docker_config(self, registry: str) -> dict[str, str] | None:
+        path = self.images.docker_config
+        if not path:
+            return None
+        try:
+            auths = json.loads(Path(path).read_text(encoding="utf-8")).get("auths", {})
+        except (OSError, ValueError, AttributeError):
+            return None
+        keys = HUB_KEYS if registry == "docker.io" else (registry, f"https://{registry}")
+        for key in keys:
+            entry = auths.get(key) if isinstance(auths, dict) else None
+            if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
+                try:
+                    user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+                except (ValueError, UnicodeDecodeError):
+                    return None
+                return {"username": user, "password": password}
+        return None
+
+    # -- the SDK, lazily ------------------------------------------------------
+
+    def _client(self, timeout: int = 60) -> Any:
+        import docker  # noqa: PLC0415 (lazy: the idle daemon never loads the SDK)
+
+        return docker.DockerClient(base_url=self.images.docker_host, timeout=timeout,
+                                   use_ssh_client=False)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        import docker.errors  # noqa: PLC0415
+        import requests.exceptions  # noqa: PLC0415
+
+        try:
+            return fn(*args, **kwargs)
+        except docker.errors.APIError as exc:
+            raise classify(str(exc.explanation or exc), exc.status_code) from None
+        except (requests.exceptions.RequestException, docker.errors.DockerException,
+                OSError) as exc:
+            raise TransientError(f"docker engine unreachable: {str(exc)[:200]}") from None
+
+    # -- ImageBackend ---------------------------------------------------------
+
+    async def inspect(self, ref: ImageRef) -> ImageInfo:
+        """Registry data without pulling: proves the tag and the credentials."""
+        def work() -> ImageInfo:
+            client = self._client()
+            try:
+                local = self._local_digest(client, ref)
+                data = self._call(client.api.inspect_distribution, str(ref),
+                                  auth_config=self.auth_for(ref.registry))
+                digest = str(data["Descriptor"]["digest"])
+                size = self._local_size(client, ref) or registry_size(
+                    ref, self.auth_for(ref.registry))
+                return ImageInfo(ref, digest, size, present_locally=local == digest)
+            finally:
+                client.close()
+        return await asyncio.to_thread(work)
+
+    async def storage_path(self) -> Path | None:
+        """Docker's data root: where a pulled image takes its space."""
+        def work() -> Path | None:
+            client = self._client()
+            try:
+                return Path(self._call(client.info)["DockerRootDir"])
+            except (FatalError, TransientError, KeyError):
+                return None
+            finally:
+                client.close()
+        return await asyncio.to_thread(work)
+
+    async def pull(self, ref: ImageRef, deadline: float, progress: Progress) -> ImageInfo:
+        loop = asyncio.get_running_loop()
+        client = self._client(timeout=max(1, int(deadline - time.monotonic())))
+
+        def report(text: str) -> None:
+            loop.call_soon_threadsafe(progress, text)
+
+        def work() -> ImageInfo:
+            # The low-level stream: registry errors arrive in-band with HTTP 200.
+            events = self._call(client.api.pull, ref.repo, tag=ref.tag, stream=True,
+                                decode=True, auth_config=self.auth_for(ref.registry))
+            last = 0.0
+            layers: dict[str, tuple[int, int]] = {}
+            for event in self._iterate(events):
+                if "error" in event:
+                    detail = event.get("errorDetail", {})
+                    code = detail.get("code") if isinstance(detail, dict) else None
+                    raise classify(str(event["error"]), code if isinstance(code, int) else None)
+                pd = event.get("progressDetail") or {}
+                if event.get("id") and isinstance(pd, dict) and pd.get("total"):
+                    layers[event["id"]] = (int(pd.get("current", 0)), int(pd["total"]))
+                now = time.monotonic()
+                if now - last >= self.images.progress_interval_seconds:
+                    last = now
+                    done = sum(c for c, _ in layers.values())
+                    total = sum(t for _, t in layers.values())
+                    report(f"pulling {ref}: {done}/{total} bytes, {len(layers)} layers")
+            digest = self._local_digest(client, ref)
+            if digest is None:
+                raise TransientError(f"pulled {ref} but docker has no digest for it")
+            return ImageInfo(ref, digest, self._local_size(client, ref), present_locally=True)
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(work), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            # The SDK's pull has no timeout; closing the client aborts the stream.
+            client.close()
+            raise FatalError(f"pull of {ref} did not finish within the job deadline") from None
+        finally:
+            client.close()
+
+    def _iterate(self, events: Any) -> Any:
+        import docker.errors  # noqa: PLC0415
+        import requests.exceptions  # noqa: PLC0415
+
+        try:
+            yield from events
+        except (requests.exceptions.RequestException, docker.errors.DockerException,
+                OSError) as exc:
+            raise TransientError(f"pull stream broke: {str(exc)[:200]}") from None
+
+    @staticmethod
+    def _local_digest(client: Any, ref: ImageRef) -> str | None:
+        import docker.errors  # noqa: PLC0415
+
+        try:
+            image = client.images.get(str(ref))
+        except docker.errors.ImageNotFound:
+            return None
+        for repo_digest in image.attrs.get("RepoDigests") or []:
+            repo, _, digest = str(repo_digest).partition("@")
+            if repo in (ref.repo, f"docker.io/{ref.repo}", f"docker.io/library/{ref.repo}"):
+                return digest
+        return None
+
+    @staticmethod
+    def _local_size(client: Any, ref: ImageRef) -> int:
+        import docker.errors  # noqa: PLC0415
+
+        try:
+            return int(client.images.get(str(ref)).attrs.get("Size", 0))
+        except docker.errors.ImageNotFound:
+            return 0
+
+    async def extract(self, ref: ImageRef, files: list[str], dest: Path) -> dict[str, Path]:
+        def work() -> dict[str, Path]:
+            client = self._client()
+            container = self._call(client.containers.create, str(ref),
+                                   command=["/nonexistent"])  # created, never started
+            try:
+                dest.mkdir(parents=True, exist_ok=True)
+                return {name: self._copy_out(container, name, dest) for name in files}
+            finally:
+                with contextlib.suppress(Exception):
+                    container.remove(force=True)
+                client.close()
+        return await asyncio.to_thread(work)
+
+    def _copy_out(self, container: Any, name: str, dest: Path) -> Path:
+        stream, _ = self._call(container.get_archive, name)
+        with tempfile.TemporaryFile(dir=dest) as raw:
+            size = 0
+            for chunk in stream:
+                size += len(chunk)
+                if size > MAX_EXTRACT_BYTES:
+                    raise FatalError(f"{name} in the image is larger than {MAX_EXTRACT_BYTES}")
+                raw.write(chunk)
+            raw.seek(0)
+            with tarfile.open(fileobj=raw, mode="r:") as tar:
+                members = tar.getmembers()
+                base = Path(name).name
+                # Exactly one regular file named as asked: no links, no paths.
+                if len(members) != 1 or members[0].name != base or not members[0].isreg():
+                    kinds = ", ".join(f"{m.name} ({'link' if m.issym() or m.islnk() else m.type!r})"
+                                      for m in members[:3])
+                    raise FatalError(f"refusing {name} from the image: expected one regular "
+                                     f"file, got {kinds}")
+                source = tar.extractfile(members[0])
+                assert source is not None
+                target = dest / base
+                tmp = dest / f".{base}.eua-tmp"
+                with tmp.open("wb") as out:
+                    while chunk := source.read(1024 * 1024):
+                        out.write(chunk)
+                    os.fchmod(out.fileno(), 0o755)
+                    os.fsync(out.fileno())
+                tmp.replace(target)
+                fsync_dir(dest)
+                return target
+
+
+_MANIFESTS = ("application/vnd.docker.distribution.manifest.v2+json, "
+              "application/vnd.docker.distribution.manifest.list.v2+json, "
+              "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json")
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+def registry_size(ref: ImageRef, auth: dict[str, str] | None) -> int:
+    """Compressed size of the image from its registry manifest, 0 when unknown.
+
+    Only for the free-space precheck, so any failure (token-based auth such
+    as Docker Hub's, an unreachable registry) just means "unknown".
+    """
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    if ref.registry == "docker.io":
+        return 0
+    host = ref.registry
+    scheme = "http" if host.split(":")[0] in ("127.0.0.1", "localhost") else "https"
+    path = ref.repo[len(host) + 1:]
+    headers = {"Accept": _MANIFESTS}
+    if auth:
+        token = base64.b64encode(f"{auth['username']}:{auth['password']}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+
+    def get(reference: str) -> Any:
+        url = f"{scheme}://{host}/v2/{path}/manifests/{reference}"
+        req = urllib.request.Request(url, headers=headers)  # noqa: S310 (scheme fixed above)
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            return json.loads(resp.read(4 * 1024 * 1024))
+
+    try:
+        manifest = get(ref.tag or "latest")
+        if "manifests" in manifest:  # an index: pick this machine's architecture
+            arch = _ARCH.get(os.uname().machine, os.uname().machine)
+            match = [m for m in manifest["manifests"]
+                     if m.get("platform", {}).get("architecture") == arch]
+            if not match:
+                return 0
+            manifest = get(match[0]["digest"])
+        layers = manifest.get("layers", [])
+        return int(manifest.get("config", {}).get("size", 0)) + sum(
+            int(layer.get("size", 0)) for layer in layers)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, urllib.error.URLError):
+        return 0
