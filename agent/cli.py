@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG, Config, load_config
+from agent.config import DEFAULT_CONFIG, Config, check_daemon_files, load_config
 from agent.daemon import run_daemon
 from agent.errors import AgentError
 from agent.execute import execute, recover_all, rehearse
@@ -256,12 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "config":
             config = load(args, args.file)
+            check_daemon_files(config)
             out.emit({"valid": True, "nodeName": config.node_name},
                      f"{args.file or args.config}: valid (node {config.node_name})")
             return EXIT_OK
         config = load(args)
         setup_logging(config.log_level)
         if args.cmd == "run":
+            check_daemon_files(config)
             return asyncio.run(run_daemon(config))
         node = build_node(config)
         try:

@@ -218,6 +218,8 @@ def parse_config(data: Any) -> Config:
         _strings(im, "allowed_registries", Images.allowed_registries),
         _strings(im, "allowed_repositories", ()),
         im.get("docker_host", str, Images.docker_host),
+        # "" turns docker's config.json off; absent means the default path.
+        None if im.data.get("docker_config") == "" else
         im.path("docker_config", Images.docker_config),
         _credentials(im.section("credentials")),
         im.number("progress_interval_seconds", 5, 0.1, 3600),
@@ -327,6 +329,24 @@ def _credentials(section: Section) -> tuple[RegistryAuth, ...]:
     return tuple(out)
 
 
+def check_daemon_files(config: Config) -> None:
+    """What the daemon needs beyond the YAML: TLS material and signing keys.
+
+    Run by `run` and `config validate` only, so that broken certificates never
+    stop an operator's `status` or `rollback` on the node itself.
+    """
+    from agent.security.signing import load_public_keys  # noqa: PLC0415 (layering)
+
+    if config.transport.kind == "mqtt":
+        # TLS files are the agent's own (like this file), so paths.root does not apply.
+        check_tls_files(tls_files(config), "transport.mqtt")
+    keys = Path(config.security.trusted_keys_dir)
+    required = config.security.require_signed_commands
+    if (required or keys.is_dir()) and not load_public_keys(keys) and required:
+        raise ConfigError(f"security.trusted_keys_dir: no *.pub keys in {keys}, "
+                          "but require_signed_commands is on")
+
+
 def tls_files(config: Config) -> TlsFiles:
     m = config.transport.mqtt
     return TlsFiles(Path(m.ca_file), Path(m.cert_file), Path(m.key_file))
@@ -366,14 +386,6 @@ def load_config(path: Path, root: Path | None = None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     config = parse_config(data)
-    if config.transport.kind == "mqtt":
-        # TLS files are the agent's own (like this file), so paths.root does not apply.
-        check_tls_files(tls_files(config), "transport.mqtt")
-    if config.security.require_signed_commands:
-        keys = Path(config.security.trusted_keys_dir)
-        if not keys.is_dir() or not any(keys.glob("*.pub")):
-            raise ConfigError(f"security.trusted_keys_dir: no *.pub keys in {keys}, "
-                              "but require_signed_commands is on")
     if root is not None:
         config = config.with_root(root)
     elif not config.paths.root.is_absolute():

@@ -21,6 +21,7 @@ from agent.errors import AgentError, Busy, InvalidCommand, JournalError
 from agent.execute import rehearse
 from agent.intake import Accepted, Intake
 from agent.messages.commands import Command, Operation, peek_job_name
+from agent.messages.reports import build_report
 from agent.node import Node, build_node
 from agent.runner import Runner
 from agent.states import NODE_TOUCHED
@@ -143,10 +144,17 @@ class Daemon:
             log.warning("cancel for an unknown job ignored", job=cmd.key)
         elif job.key == self.running and job.state not in NODE_TOUCHED:
             self.runner.cancel_requests.add(job.key)  # the worker acts between steps
-        else:
-            # Not running, finished, or past the installer: answered now (refusals
-            # only queue a report, so they cannot race the worker's state writes).
+        elif job.terminal or job.state in NODE_TOUCHED:
+            # Answered now: a refusal only queues a report, it cannot race a state write.
             self.runner.cancel(job)
+        else:
+            try:
+                # Another agent process (a CLI upgrade) may be driving this job.
+                with self.node.lock:
+                    self.runner.cancel(job)
+            except Busy as exc:
+                why = f"cancel refused: {exc.reason}"
+                self.node.journal.event(job.key, lambda j: build_report(replace(j, reason=why)))
 
     def _reject(self, msg: Inbound, reason: str) -> None:
         name = peek_job_name(msg.payload)

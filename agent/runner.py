@@ -117,6 +117,7 @@ class Runner:
                     job = self._break_loop(job)
                     continue
                 job = await self.handlers[job.state](job)
+        self.cancel_requests.discard(job.key)
         return job
 
     def _break_loop(self, job: Job) -> Job:
@@ -332,7 +333,7 @@ class Runner:
         started = time.monotonic()
         try:
             staged = await stage_image(self.node, job.command,
-                                       lambda msg: log.info(msg, job=job.key))
+                                       lambda msg: self._progress(job, msg))
         except AgentError as exc:
             return self.advance(job, State.FAILED, f"prepull: {exc.reason}")
         return self.advance(job, State.SUCCEEDED,

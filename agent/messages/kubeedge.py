@@ -1,4 +1,5 @@
-"""KubeEdge's own upgrade messages: cloud→edge requests in, v1alpha2 action reports out.
+"""KubeEdge's own upgrade messages: cloud→edge requests in, and the v1alpha2
+action message shape for a future KubeEdge-native status relay (not sent yet).
 
 Three protocol eras reach an edge node (docs: /work/shared/design/kubeedge.md §2):
 A (v1.12-v1.15) a bare or beehive-wrapped ``NodeUpgradeJobRequest``; B (v1.16-v1.20)

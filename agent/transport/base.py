@@ -1,7 +1,7 @@
 """The transport interface: commands in, reports out.
 
-The spool transport (a directory of JSON files) and the MQTT one (issue 3)
-implement it; intake, journal and reporter never see which.
+The spool transport (a directory of JSON files) and the MQTT one implement
+it; intake, journal and reporter never see which.
 """
 
 from __future__ import annotations

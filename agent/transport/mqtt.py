@@ -145,7 +145,11 @@ class MqttTransport:
         return client
 
     async def _offline_will(self) -> aiomqtt.Will:
-        body = {**await self.presence(), "online": False}
+        # Only facts that stay true for the whole connection: the will is fixed
+        # at CONNECT, long before an upgrade may change the version or the job.
+        now = await self.presence()
+        body = {"online": False, "nodeName": now.get("nodeName"),
+                "agentVersion": now.get("agentVersion"), "labels": now.get("labels")}
         return aiomqtt.Will(self.presence_topic, json.dumps(body, sort_keys=True), qos=1,
                             retain=True)
 
