@@ -217,7 +217,10 @@ class Daemon:
     async def reporter(self) -> None:
         delay = 0.5
         while True:
-            for outbox_id, report in self.node.journal.outbox():
+            # Cleared before reading, so a report queued while we publish wakes us again.
+            self.reports_pending.clear()
+            batch = self.node.journal.outbox()
+            for outbox_id, report in batch:
                 try:
                     await self.link.publish(report)
                 except (OSError, AgentError) as exc:
@@ -230,7 +233,8 @@ class Daemon:
                 self.node.journal.ack(outbox_id)
                 delay = 0.5
             else:
-                self.reports_pending.clear()
+                if batch:
+                    continue  # a backlog may hold more than one batch
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.reports_pending.wait(), 5)
 

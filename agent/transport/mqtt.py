@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -126,6 +127,8 @@ class MqttTransport:
             self.mqtt.host, self.mqtt.port, identifier=self.node,
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
             tls_context=ctx, will=will, keepalive=self.mqtt.keepalive_seconds, timeout=10,
+            # Without it, Nagle meets delayed ACKs: ~40 ms added to every report.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
         inner: paho.Client = client._client  # private: the aiomqtt#345 workaround
         inner.manual_ack_set(True)
