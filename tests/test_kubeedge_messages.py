@@ -18,7 +18,8 @@ from agent.messages.commands import Command, Operation
 from agent.messages.kubeedge import parse_kubeedge, upstream_action_message
 
 NODE = "edge-node1"
-CONFIG = parse_config({"node_name": NODE})
+CONFIG = parse_config({"node_name": NODE, "images": {
+    "allowed_registries": ["docker.io", "registry.example.internal:5000"]}})
 REPO = "kubeedge/installation-package"
 PRIVATE = "registry.example.internal:5000/kubeedge/installation-package"
 AMD = "sha256:" + "a" * 64

@@ -297,6 +297,7 @@ def make_config(**overrides: Any) -> Config:
     data: dict[str, Any] = {
         "node_name": NODE,
         "installers": {"custom": ["/usr/local/bin/install-edgecore", "{to_version}"]},
+        "images": {"allowed_registries": ["docker.io", "registry.example.internal:5000"]},
     }
     data.update(overrides)
     return parse_config(data)
@@ -556,3 +557,15 @@ def test_envelope_arbitrary_dicts_utf16(data: dict[str, Any]) -> None:
     """json.loads accepts UTF-16/32 bytes too; that path must not crash either."""
     result = _outcome(json.dumps(data).encode("utf-16"))
     assert result is None or isinstance(result, Command)
+
+
+def test_envelope_image_outside_the_allow_list() -> None:
+    registry = "registry.example.internal:5000"
+    config = make_config(images={"allowed_registries": [registry],
+                                 "allowed_repositories": [f"{registry}/kubeedge/*"]})
+    ok = envelope(image="registry.example.internal:5000/kubeedge/installation-package")
+    assert parse_envelope(ok, config, "test").image.registry == "registry.example.internal:5000"
+    for image in ("kubeedge/installation-package", "registry.example.internal:5000/other/pkg",
+                  "evil.example.com/kubeedge/installation-package"):
+        with pytest.raises(InvalidCommand, match="not allowed"):
+            parse_envelope(envelope(image=image), config, "test")
