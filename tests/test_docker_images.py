@@ -222,15 +222,19 @@ def test_cli_upgrade_and_prepull_with_a_pulled_image(env: Env, sandbox: Sandbox)
         "allowed_registries": [env.registry.address],
         "credentials": {env.registry.address: {"username": USER,
                                                "password_file": str(env.password_file)}},
-        "progress_interval_seconds": 0.1})
+        "progress_interval_seconds": 0.1}, logging={"level": "debug"})
     repo = f"{env.registry.address}/{REPO}"
     remove_image(env.client, env.ref())
     rc, out = sandbox.cli_json("prepull", "--to-version", "v1.13.0", "--image", repo)
     assert rc == 0 and "prepulled" in out["job"]["reason"], out
     rc, out = sandbox.upgrade("v1.13.0", "--image", repo, "--dry-run")
     assert rc == 0 and out["plan"]["image"]["digest"] == env.digests[env.ref()]
-    rc, out = sandbox.upgrade("v1.13.0", "--image", repo)
-    assert (rc, out["job"]["state"]) == (0, "succeeded"), out
+    proc = sandbox.cli("--output", "json", "upgrade", "--to-version", "v1.13.0", "--image",
+                       repo, "--yes")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["job"]["state"] == "succeeded"
     assert sandbox.running_version() == "v1.13.0"
-    logs = "\n".join(json.dumps(r) for r in sandbox.reports())
-    assert PASSWORD not in logs
+    # The password is in no report, log line or output of the whole run.
+    everything = proc.stdout + proc.stderr + "\n".join(json.dumps(r) for r in sandbox.reports())
+    everything += "".join(p.read_text() for p in (sandbox.state_dir / "logs").glob("*.log"))
+    assert PASSWORD not in everything
