@@ -179,27 +179,27 @@ class Journal:
         with self._tx() as db:
             if db.execute("SELECT 1 FROM jobs WHERE key=?", (job.key,)).fetchone():
                 raise KeyError(job.key)
-            db.execute(
-                "INSERT INTO jobs(key, command, state, reason, from_version, entries, actions,"
-                " notes, seq, final_reported, created_at, updated_at)"
-                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    job.key,
-                    job.command.to_json(),
-                    job.state.value,
-                    job.reason,
-                    job.from_version,
-                    json.dumps(dict(job.entries)),
-                    json.dumps([a.to_dict() for a in job.actions]),
-                    json.dumps(dict(job.notes)),
-                    job.seq,
-                    int(final),
-                    job.created_at,
-                    job.updated_at,
-                ),
-            )
+            row = {"key": job.key, "command": job.command.to_json(),
+                   "created_at": job.created_at, **self._columns(job, final)}
+            db.execute(f"INSERT INTO jobs({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
+                       tuple(row.values()))
             self._queue(db, job, payload, final)
         return replace(job, final_reported=final)
+
+    @staticmethod
+    def _columns(job: Job, final: bool) -> dict[str, Any]:
+        """Every column a state change writes (names are constants, never input)."""
+        return {
+            "state": job.state.value,
+            "reason": job.reason,
+            "from_version": job.from_version,
+            "entries": json.dumps(dict(job.entries)),
+            "actions": json.dumps([a.to_dict() for a in job.actions]),
+            "notes": json.dumps(dict(job.notes)),
+            "seq": job.seq,
+            "final_reported": int(final),
+            "updated_at": job.updated_at,
+        }
 
     def _next_seq(self, db: sqlite3.Connection, key: str) -> int:
         # Allocated inside the transaction, so two writers (the runner, and
@@ -215,23 +215,9 @@ class Journal:
         with self._tx() as db:
             job = replace(job, seq=self._next_seq(db, job.key), updated_at=time.time())
             payload = report(job)
-            db.execute(
-                "UPDATE jobs SET state=?, reason=?, from_version=?, entries=?, actions=?,"
-                " notes=?, seq=?, final_reported=MAX(final_reported, ?), updated_at=?"
-                " WHERE key=?",
-                (
-                    job.state.value,
-                    job.reason,
-                    job.from_version,
-                    json.dumps(dict(job.entries)),
-                    json.dumps([a.to_dict() for a in job.actions]),
-                    json.dumps(dict(job.notes)),
-                    job.seq,
-                    int(final),
-                    job.updated_at,
-                    job.key,
-                ),
-            )
+            row = self._columns(job, final)
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in row)} WHERE key=?",
+                       (*row.values(), job.key))
             self._queue(db, job, payload, final)
         return replace(job, final_reported=job.final_reported or final)
 
