@@ -218,13 +218,11 @@ def parse_config(data: Any) -> Config:
         _strings(im, "allowed_registries", Images.allowed_registries),
         _strings(im, "allowed_repositories", ()),
         im.get("docker_host", str, Images.docker_host),
-        # "" turns docker's config.json off; absent means the default path.
-        None if im.data.get("docker_config") == "" else
-        im.path("docker_config", Images.docker_config),
+        _optional_path(im, "docker_config", Images.docker_config),
         _credentials(im.section("credentials")),
         im.number("progress_interval_seconds", 5, 0.1, 3600),
     )
-    if not images.docker_host.startswith(("unix://", "tcp://", "ssh://")):
+    if not images.docker_host.startswith(("unix://", "tcp://")):
         raise ConfigError(f"images.docker_host: {images.docker_host!r} is not a docker URL")
     try:
         ref = parse_image(images.default_repo)
@@ -307,6 +305,14 @@ def _mqtt(m: Section) -> Mqtt:
     )
     m.done()
     return mqtt
+
+
+def _optional_path(section: Section, name: str, default: str | None) -> str | None:
+    """An absolute path, or "" to turn the feature off (absent: the default)."""
+    if section.data.get(name) == "":
+        section.used.add(name)
+        return None
+    return section.path(name, default)  # type: ignore[no-any-return]
 
 
 def _strings(section: Section, name: str, default: tuple[str, ...]) -> tuple[str, ...]:

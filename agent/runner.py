@@ -180,7 +180,8 @@ class Runner:
                 return self.advance(job, State.SKIPPED, f"already at {cmd.target}",
                                     action=(Action.CHECK, True))
         try:
-            info = await self.node.images.inspect(cmd.image.with_tag(str(cmd.target)))
+            ref = cmd.image.with_tag(str(cmd.target))
+            info = await retry_transient(f"look up {ref}", lambda: self.node.images.inspect(ref))
             image_bytes = 0 if info.present_locally else info.size
         except AgentError as exc:
             return self.advance(job, State.FAILED, f"image: {exc.reason}",

@@ -238,3 +238,18 @@ def test_cli_upgrade_and_prepull_with_a_pulled_image(env: Env, sandbox: Sandbox)
     everything = proc.stdout + proc.stderr + "\n".join(json.dumps(r) for r in sandbox.reports())
     everything += "".join(p.read_text() for p in (sandbox.state_dir / "logs").glob("*.log"))
     assert PASSWORD not in everything
+
+
+async def test_engine_down_is_transient_not_a_crash(tmp_path: Path) -> None:
+    images = Images(backend="docker", docker_host=f"unix://{tmp_path}/no-such.sock",
+                    docker_config="")
+    backend = DockerImageBackend(images)
+    with pytest.raises(TransientError, match="docker engine unreachable"):
+        await backend.inspect(parse_image("kubeedge/installation-package:v1.13.0"))
+    assert await backend.storage_path() is None
+    assert backend.auth_for("docker.io") == {}  # anonymous, never the SDK's own fallback
+
+
+def test_docker_config_can_be_turned_off() -> None:
+    config = parse_config({"node_name": "node-1", "images": {"docker_config": ""}})
+    assert config.images.docker_config is None

@@ -35,6 +35,8 @@ MAX_EXTRACT_BYTES = 512 * 1024 * 1024
 def classify(message: str, status: int | None = None) -> Exception:
     """Registry and daemon errors: fatal ones at once, the rest worth a retry."""
     text = message.lower()
+    if "repository does not exist" in text:  # Docker Hub's answer to both cases
+        return FatalError(f"image not found in the registry (or access denied): {message[:200]}")
     if status in (401, 403) or any(w in text for w in ("unauthorized", "authentication required",
                                                         "denied", "forbidden")):
         return FatalError(f"registry refused the credentials: {message[:200]}")
@@ -50,7 +52,15 @@ class DockerImageBackend:
 
     # -- credentials --------------------------------------------------------
 
-    def auth_for(self, registry: str) -> dict[str, str] | None:
+    def auth_for(self, registry: str) -> dict[str, str]:
+        """Credentials for ``registry``; {} means anonymous.
+
+        Never None: given None the SDK would fall back to the process's own
+        ~/.docker/config.json, which the operator may have turned off.
+        """
+        return self._lookup_auth(registry) or {}
+
+    def _lookup_auth(self, registry: str) -> dict[str, str] | None:
         for cred in self.images.credentials:
             if cred.registry == registry:
                 try:
@@ -85,8 +95,10 @@ class DockerImageBackend:
     def _client(self, timeout: int = 60) -> Any:
         import docker  # noqa: PLC0415 (lazy: the idle daemon never loads the SDK)
 
-        return docker.DockerClient(base_url=self.images.docker_host, timeout=timeout,
-                                   use_ssh_client=False)
+        # A fixed API version: "auto" would ask the engine at construction,
+        # outside our error mapping. 1.41 is Docker 20.10; newer engines accept it.
+        return self._call(docker.DockerClient, base_url=self.images.docker_host,
+                          timeout=timeout, version="1.41")
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         import docker.errors  # noqa: PLC0415
@@ -106,13 +118,14 @@ class DockerImageBackend:
         """Registry data without pulling: proves the tag and the credentials."""
         def work() -> ImageInfo:
             client = self._client()
+            auth = self.auth_for(ref.registry)
             try:
                 local = self._local_digest(client, ref)
-                data = self._call(client.api.inspect_distribution, str(ref),
-                                  auth_config=self.auth_for(ref.registry))
+                data = self._call(client.api.inspect_distribution, str(ref), auth_config=auth)
                 digest = str(data["Descriptor"]["digest"])
-                size = self._local_size(client, ref) or registry_size(
-                    ref, self.auth_for(ref.registry))
+                # A local image of the same tag but another build says nothing of size.
+                size = (self._local_size(client, ref) if local == digest else 0) or \
+                    registry_size(ref, auth)
                 return ImageInfo(ref, digest, size, present_locally=local == digest)
             finally:
                 client.close()
@@ -144,6 +157,9 @@ class DockerImageBackend:
             last = 0.0
             layers: dict[str, tuple[int, int]] = {}
             for event in self._iterate(events):
+                if time.monotonic() > deadline:
+                    # Leave the stream: the engine drops the pull with the connection.
+                    raise FatalError(f"pull of {ref} did not finish within the job deadline")
                 if "error" in event:
                     detail = event.get("errorDetail", {})
                     code = detail.get("code") if isinstance(detail, dict) else None
@@ -181,28 +197,28 @@ class DockerImageBackend:
                 OSError) as exc:
             raise TransientError(f"pull stream broke: {str(exc)[:200]}") from None
 
-    @staticmethod
-    def _local_digest(client: Any, ref: ImageRef) -> str | None:
+    def _local_image(self, client: Any, ref: ImageRef) -> Any:
         import docker.errors  # noqa: PLC0415
 
         try:
-            image = client.images.get(str(ref))
+            return self._call(client.images.get, str(ref))
+        except FatalError:  # 404: not here
+            return None
         except docker.errors.ImageNotFound:
             return None
-        for repo_digest in image.attrs.get("RepoDigests") or []:
+
+    def _local_digest(self, client: Any, ref: ImageRef) -> str | None:
+        image = self._local_image(client, ref)
+        want = _short_repo(ref.repo)
+        for repo_digest in (image.attrs.get("RepoDigests") or []) if image else []:
             repo, _, digest = str(repo_digest).partition("@")
-            if repo in (ref.repo, f"docker.io/{ref.repo}", f"docker.io/library/{ref.repo}"):
+            if _short_repo(repo) == want:
                 return digest
         return None
 
-    @staticmethod
-    def _local_size(client: Any, ref: ImageRef) -> int:
-        import docker.errors  # noqa: PLC0415
-
-        try:
-            return int(client.images.get(str(ref)).attrs.get("Size", 0))
-        except docker.errors.ImageNotFound:
-            return 0
+    def _local_size(self, client: Any, ref: ImageRef) -> int:
+        image = self._local_image(client, ref)
+        return int(image.attrs.get("Size", 0)) if image else 0
 
     async def extract(self, ref: ImageRef, files: list[str], dest: Path) -> dict[str, Path]:
         def work() -> dict[str, Path]:
@@ -249,6 +265,14 @@ class DockerImageBackend:
                 tmp.replace(target)
                 fsync_dir(dest)
                 return target
+
+
+def _short_repo(repo: str) -> str:
+    """Docker Hub names as dockerd reports them: no docker.io/, no library/."""
+    for prefix in ("docker.io/library/", "docker.io/", "library/"):
+        if repo.startswith(prefix):
+            return repo[len(prefix):]
+    return repo
 
 
 _MANIFESTS = ("application/vnd.docker.distribution.manifest.v2+json, "
