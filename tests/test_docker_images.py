@@ -170,18 +170,26 @@ async def test_digest_mismatch_names_both_digests(env: Env) -> None:
     assert wrong in exc.value.reason and info.digest in exc.value.reason
 
 
-async def test_registry_down_then_back_within_the_deadline(env: Env) -> None:
-    ref = ref_of(env.ref())
-    remove_image(env.client, str(ref))
-    env.registry.kill()
-    restart = threading.Timer(2.0, env.registry.start)
-    restart.start()
+async def test_registry_killed_mid_pull_then_back_within_the_deadline(env: Env) -> None:
+    ref = ref_of(env.publish("v1.13.1", pad_bytes=64 * 1024 * 1024))
+    killed: list[str] = []
+    restart = threading.Timer(1.5, env.registry.start)
+
+    def on_progress(message: str) -> None:
+        if not killed:  # the first progress event: bytes are flowing, now pull the plug
+            killed.append(message)
+            env.registry.kill()
+            restart.start()
+
+    deadline = time.monotonic() + 90
     try:
         info = await retry_transient(
-            "pull", lambda: env.backend().pull(ref, time.monotonic() + 60, lambda _: None),
+            "pull", lambda: env.backend().pull(ref, deadline, on_progress),
             attempts=8, max_wait=1)
     finally:
-        restart.join()
+        if killed:
+            restart.join()
+    assert killed, "the pull finished before any progress event"
     assert info.digest == env.digests[str(ref)]
 
 
