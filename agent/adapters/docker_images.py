@@ -68,7 +68,8 @@ class DockerImageBackend:
                 except OSError as exc:
                     raise FatalError(f"cannot read the password file for {registry}: "
                                      f"{exc.strerror}") from None
-                return {"username": cred.username, "password": password}
+                if password:  # an empty file (systemd's SetCredential default): no entry
+                    return {"username": cred.username, "password": password}
         return self._from_docker_config(registry)
 
     def _from_docker_config(self, registry: str) -> dict[str, str] | None:
