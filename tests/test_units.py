@@ -99,3 +99,16 @@ async def test_transient_errors_are_retried_within_bounds() -> None:
     with pytest.raises(FatalError):
         await retry_transient("fatal", fatal, max_wait=0.01)
     assert len(calls) == 1
+
+
+def test_global_options_work_after_the_command_too() -> None:
+    """The unit file (and operators) write `run --config F`."""
+    from agent.cli import _parser
+
+    for argv in (["--config", "/x.yaml", "run"], ["run", "--config", "/x.yaml"]):
+        args = _parser().parse_args(argv)
+        assert (args.cmd, str(args.config)) == ("run", "/x.yaml")
+    args = _parser().parse_args(["--output", "json", "status"])
+    assert args.output == "json"
+    args = _parser().parse_args(["config", "validate", "--root", "/r"])
+    assert str(args.root) == "/r" and args.output == "text"

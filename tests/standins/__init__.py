@@ -40,8 +40,10 @@ _LOG = Path("var", "log", "edgecore.log")
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def _render(template: str, constants: dict[str, object]) -> str:
-    lines = [f"#!{sys.executable}"]
+def _render(template: str, constants: dict[str, object],
+            interpreter: str | None = None) -> str:
+    # The end-to-end host runs the scripts with its own /usr/bin/python3.
+    lines = [f"#!{interpreter or sys.executable}"]
     lines += [f"{name} = {value!r}" for name, value in constants.items()]
     body = (_HERE / template).read_text(encoding="utf-8")
     return "\n".join(lines) + "\n" + body
@@ -58,19 +60,21 @@ def _write_executable(path: Path, text: str) -> Path:
 
 
 def write_edgecore(
-    path: Path, version: str, *, behaviour: str = "ok", version_flag: bool = True
+    path: Path, version: str, *, behaviour: str = "ok", version_flag: bool = True,
+    interpreter: str | None = None,
 ) -> Path:
     constants: dict[str, object] = {
         "VERSION": version,
         "BEHAVIOUR": behaviour,
         "VERSION_FLAG": version_flag,
     }
-    return _write_executable(path, _render("edgecore_template.py", constants))
+    return _write_executable(path, _render("edgecore_template.py", constants, interpreter))
 
 
-def write_keadm(path: Path, version: str, *, behaviour: str = "ok") -> Path:
+def write_keadm(path: Path, version: str, *, behaviour: str = "ok",
+                interpreter: str | None = None) -> Path:
     constants: dict[str, object] = {"VERSION": version, "BEHAVIOUR": behaviour}
-    return _write_executable(path, _render("keadm_template.py", constants))
+    return _write_executable(path, _render("keadm_template.py", constants, interpreter))
 
 
 def make_image_dir(

@@ -83,7 +83,21 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
+def _systemd(root: str) -> bool:
+    # Like the real keadm: on a systemd host (and not in a sandbox root) the
+    # edgecore unit is stopped and started with systemctl.
+    return root == "/" and os.path.isdir("/run/systemd/system")
+
+
+def _systemctl(*args: str) -> None:
+    subprocess.run(["systemctl", *args, "edgecore.service"], check=True, timeout=60)
+    _progress(f"systemctl {' '.join(args)} edgecore.service")
+
+
 def _stop_edgecore(root: str) -> None:
+    if _systemd(root):
+        _systemctl("stop")
+        return
     pidfile = os.path.join(root, "run", "edgecore.pid")
     pid = _read_pid(pidfile)
     if pid is not None and _alive(pid):
@@ -102,6 +116,9 @@ def _stop_edgecore(root: str) -> None:
 
 
 def _start_edgecore(root: str, config: str) -> int:
+    if _systemd(root):
+        _systemctl("start")
+        return 0
     binary = os.path.join(root, "usr", "local", "bin", "edgecore")
     log_path = os.path.join(root, "var", "log", "edgecore.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
