@@ -169,10 +169,10 @@ class DockerImageBackend:
                 if event.get("id") and isinstance(pd, dict) and pd.get("total"):
                     layers[event["id"]] = (int(pd.get("current", 0)), int(pd["total"]))
                 now = time.monotonic()
-                if now - last >= self.images.progress_interval_seconds:
+                total = sum(t for _, t in layers.values())
+                if total and now - last >= self.images.progress_interval_seconds:
                     last = now
                     done = sum(c for c, _ in layers.values())
-                    total = sum(t for _, t in layers.values())
                     report(f"pulling {ref}: {done}/{total} bytes, {len(layers)} layers")
             digest = self._local_digest(client, ref)
             if digest is None:
