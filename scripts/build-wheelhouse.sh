@@ -20,6 +20,8 @@ if [ $# -ne 1 ] || [ "${1#-}" != "$1" ]; then
     exit 2
 fi
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/copy-source.sh
+. "$repo/scripts/copy-source.sh"
 PYTHON=${PYTHON:-python3}
 mkdir -p -- "$1"
 out=$(cd -- "$1" && pwd)
@@ -31,11 +33,7 @@ trap 'rm -rf "$tmp"' EXIT
     || { echo "build-wheelhouse.sh: $PYTHON is older than 3.10" >&2; exit 1; }
 "$PYTHON" -m venv "$tmp/venv"
 mkdir "$tmp/src"
-tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./build \
-    --exclude=./dist --exclude='./*.egg-info' --exclude=./.mypy_cache \
-    --exclude=./.ruff_cache --exclude=./.pytest_cache --exclude=./.hypothesis \
-    --exclude=./.rehearsal --exclude=./sandbox --exclude=__pycache__ -cf - . \
-    | tar -C "$tmp/src" -xf -
+copy_source "$repo" "$tmp/src"
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 # An older agent wheel left in OUT_DIR would be harmless (install.sh takes

@@ -34,6 +34,8 @@ DEFAULT_PREFIX=/opt/edge-upgrade-agent
 TLS_DIR=/etc/edge-upgrade-agent/tls
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/copy-source.sh
+. "$repo/scripts/copy-source.sh"
 PYTHON=${PYTHON:-python3}
 
 usage() {
@@ -182,11 +184,7 @@ else
     # From this tree, via a copy: pip's in-tree build would leave build/ and
     # *.egg-info behind in the source tree (which may be read-only).
     mkdir "$tmp/src"
-    tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./build \
-        --exclude=./dist --exclude='./*.egg-info' --exclude=./.mypy_cache \
-        --exclude=./.ruff_cache --exclude=./.pytest_cache --exclude=./.hypothesis \
-        --exclude=./.rehearsal --exclude=./sandbox --exclude=__pycache__ -cf - . \
-        | tar -C "$tmp/src" -xf -
+    copy_source "$repo" "$tmp/src"
     # A local directory is always rebuilt and reinstalled, same version or not.
     "${pip[@]}" install --upgrade "$tmp/src" \
         || die "pip could not install from $repo (offline? use --wheelhouse)"
