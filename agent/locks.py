@@ -107,14 +107,12 @@ def inspect_marker(path: Path, stale_after: float) -> MarkerState:
                        keadm_running=running)
 
 
-def check_marker(path: Path, stale_after: float, *, clear_stale: bool) -> MarkerState:
-    """Raise Busy while keadm's marker is live; clear it when stale (if allowed)."""
+def check_marker(path: Path, stale_after: float) -> MarkerState:
+    """Raise Busy while keadm's marker is live; the caller reports and clears a stale one."""
     state = inspect_marker(path, stale_after)
     if state.present and not state.stale:
         raise Busy(
             f"keadm's lock {path.name} is present and {state.describe()}: "
             "another upgrade may be in progress"
         )
-    if state.stale and clear_stale:
-        path.unlink(missing_ok=True)
     return state

@@ -162,16 +162,21 @@ class Runner:
             return await self._prepull(job)
         try:
             # A keadm at work (ours or anyone's) rules out an upgrade and a rollback alike.
-            marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds, clear_stale=True)
+            marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds)
         except Busy as exc:
             return self.advance(job, State.FAILED, exc.reason, action=(Action.CHECK, False),
                                 notes={"refusal": "busy"})
+        if marker.stale:
+            # Reported (journalled) first, then removed: a crash in between
+            # leaves a stale marker to clear again, never an unreported removal.
+            why = f"cleared a stale keadm marker ({self.node.keadm_marker.name}, " \
+                  f"{marker.describe()})"
+            self.node.journal.event(job.key, lambda j: build_report(replace(j, reason=why)))
+            self.on_report()
+            log.warning("cleared a stale keadm marker", age_s=round(marker.age_seconds))
+            self.node.keadm_marker.unlink(missing_ok=True)
         if cmd.operation == Operation.ROLLBACK:
             return await self._manual_rollback(job)
-        if marker.stale:
-            log.warning("cleared a stale keadm marker", age_s=round(marker.age_seconds))
-            job = self.advance(job, job.state, f"cleared a stale keadm marker "
-                               f"({self.node.keadm_marker.name}, {marker.describe()})")
         detected = await self.node.probe.detect()
         if detected is not None:
             job = replace(job, from_version=str(detected.version))
