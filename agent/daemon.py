@@ -143,7 +143,7 @@ class Daemon:
         if job is None:
             log.warning("cancel for an unknown job ignored", job=cmd.key)
         elif job.key == self.running and job.state not in NODE_TOUCHED:
-            self.runner.cancel_requests.add(job.key)  # the worker acts between steps
+            self.runner.request_cancel(job.key)  # the worker acts between steps
         elif job.terminal or job.state in NODE_TOUCHED:
             # Answered now: a refusal only queues a report, it cannot race a state write.
             self.runner.cancel(job)

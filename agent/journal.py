@@ -265,6 +265,10 @@ class Journal:
         row = self.db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
         return str(row["v"]) if row else None
 
+    def delete_meta(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM meta WHERE k=?", (key,))
+
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", (key, value))

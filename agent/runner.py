@@ -109,16 +109,29 @@ class Runner:
         """Drive ``job`` until it is terminal or parked. The caller holds the lock."""
         with structlog.contextvars.bound_contextvars(job=job.key):
             while not job.terminal and job.state != State.AWAITING_CONFIRMATION:
-                if job.key in self.cancel_requests:
-                    self.cancel_requests.discard(job.key)
+                if self._cancel_requested(job.key):
                     job = self.cancel(job)
                     continue
                 if job.entry_count(job.state) > self.node.config.max_state_entries:
                     job = self._break_loop(job)
                     continue
                 job = await self.handlers[job.state](job)
-        self.cancel_requests.discard(job.key)
+        self._cancel_requested(job.key)  # a late cancel of a finished job: forget it
         return job
+
+    def request_cancel(self, key: str) -> None:
+        """Cancel the running job at its next step boundary; survives a restart."""
+        self.node.journal.set_meta(f"cancel:{key}", "requested")
+        self.cancel_requests.add(key)
+
+    def _cancel_requested(self, key: str) -> bool:
+        """Consume a pending cancel request (in memory, or journalled before a crash)."""
+        pending = key in self.cancel_requests or \
+            self.node.journal.get_meta(f"cancel:{key}") is not None
+        if pending:
+            self.cancel_requests.discard(key)
+            self.node.journal.delete_meta(f"cancel:{key}")
+        return pending
 
     def _break_loop(self, job: Job) -> Job:
         reason = (f"loop breaker: state {job.state.value} entered "
