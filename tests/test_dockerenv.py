@@ -158,17 +158,9 @@ def test_pull_with_credentials_after_removing(
     remove_image(client, pushed.ref)  # absent is fine
     with pytest.raises(docker.errors.ImageNotFound):
         client.api.inspect_image(pushed.ref)
-    repo, tag = split_ref(pushed.ref)
+    repo, _ = split_ref(pushed.ref)
     try:
-        events = list(
-            client.api.pull(
-                repo,
-                tag=tag,
-                stream=True,
-                decode=True,
-                auth_config={"username": USER, "password": PASSWORD},
-            )
-        )
+        events = pull_events(client, pushed.ref, USER, PASSWORD)
     except docker.errors.APIError as exc:
         pytest.fail(f"pull failed: {exc}\n{_logs(dockerd, registry)}")
     assert stream_errors(events) == [], _logs(dockerd, registry)
