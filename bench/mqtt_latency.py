@@ -40,12 +40,11 @@ change that: ``--broker-nodelay`` adds ``set_tcp_nodelay true`` to the broker's
 configuration and ``--agent-nodelay`` starts the daemon through a shim that sets
 ``TCP_NODELAY`` on its MQTT socket (the agent has no such option).
 
-Version detection: each dry run and each job runs ``edgecore --version``. The
-Python stand-in from ``tests/standins`` takes about 0.1 s to start, far more
-than a Go binary, and would dominate every figure; so by default
-(``--version-probe shell``) the binary on disk is replaced, after the stand-in
-edgecore was started, by a ``/bin/sh`` script that prints the same version.
-``--version-probe standin`` keeps the Python stand-in.
+Version detection never executes edgecore (no KubeEdge release has a version
+flag; ``edgecore --version`` starts a second edgecore): the daemon reads the
+klog ``Version:`` line that the running stand-in edgecore logged first, with its
+pid, in ``<root>/var/log/edgecore.log``. So the stand-in runs throughout, as a
+real edgecore would, and nothing is executed per command to learn the version.
 
 Idle cost (``--idle-seconds``, default 60): after the latency runs and a
 settling pause, VmRSS (``/proc/<pid>/status``) and utime+stime
@@ -54,9 +53,8 @@ end of the window. Baselines over the same window: ``python -c "import time;
 time.sleep(...)"`` and a connected paho client process (CN ``idle-probe``,
 ``loop_forever``, keepalive 30 s like the daemon).
 
-Context figures, to attribute the latency: the median time of one
-``edgecore --version`` with the shell script and with the Python stand-in, and
-of one SQLite commit with WAL and ``synchronous=FULL`` in the same directory
+Context figure, to attribute the latency: the median time of one SQLite commit
+with WAL and ``synchronous=FULL`` in the same directory
 (the journal's settings). Never run by the test suite.
 """
 
@@ -105,13 +103,6 @@ REPO_IMAGE = "kubeedge/installation-package"
 CONNECT_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-SHELL_EDGECORE = f"""#!/bin/sh
-# Version-only edgecore for bench/mqtt_latency.py: answers --version like the stand-in.
-if [ "$1" = "--version" ]; then echo "KubeEdge {FROM_VERSION}"; exit 0; fi
-echo "version-only stand-in" >&2
-exit 2
-"""
 
 # Runs the daemon like `python -m agent`, with TCP_NODELAY on paho's sockets.
 AGENT_NODELAY_SHIM = """
@@ -357,14 +348,6 @@ def write_agent_config(work: Path, root: Path, broker: Broker) -> Path:
     return path
 
 
-def install_shell_edgecore(binary: Path) -> None:
-    """Replace the binary on disk by a shell script; a running stand-in is not touched."""
-    tmp = binary.with_name(".edgecore.bench-tmp")
-    tmp.write_text(SHELL_EDGECORE)
-    tmp.chmod(0o755)
-    os.replace(tmp, binary)
-
-
 def start_agent(s: Setup, *, nodelay: bool) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
@@ -508,16 +491,6 @@ def run_burst(s: Setup, inbox: Inbox, n: int, timeout: float) -> tuple[list[floa
 # -- context measurements --------------------------------------------------------
 
 
-def time_version_probe(binary: Path, rounds: int) -> list[float]:
-    out: list[float] = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        subprocess.run([str(binary), "--version"], check=True, capture_output=True,
-                       timeout=30, stdin=subprocess.DEVNULL)
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def time_sqlite_commits(directory: Path, rounds: int) -> list[float]:
     db = sqlite3.connect(directory / "commit-probe.db", isolation_level=None)
     try:
@@ -615,9 +588,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="pause before the idle window (default 6)")
     ap.add_argument("--no-idle-baselines", action="store_true",
                     help="measure only the daemon in the idle window")
-    ap.add_argument("--version-probe", choices=("shell", "standin"), default="shell",
-                    help="what `edgecore --version` runs: a /bin/sh script (default) or the "
-                         "Python stand-in")
     ap.add_argument("--broker-nodelay", action="store_true",
                     help="diagnostic: set_tcp_nodelay true in the broker's configuration")
     ap.add_argument("--agent-nodelay", action="store_true",
@@ -644,11 +614,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, s: Setup, results: dict[str, Any]) -> None:
     broker, root = s.broker, s.root
     broker.start()
-    start_edgecore(root)
-    binary, standin = root / "usr/local/bin/edgecore", s.work / "edgecore-standin"
-    shutil.copy2(binary, standin)  # for the context figure
-    if args.version_probe == "shell":
-        install_shell_edgecore(binary)
+    start_edgecore(root)  # runs throughout: its log's Version: line is how the daemon detects it
 
     status = Inbox(lambda t, b: str(b["jobKey"]) if t.endswith("/status") else None)
     echo = Inbox(lambda _t, b: str(b.get("jobName")))
@@ -693,16 +659,12 @@ def measure(args: argparse.Namespace, s: Setup, results: dict[str, Any]) -> None
 
     results["rss_after_load_mib"] = sample(s.agent.pid).rss_kib / 1024
 
-    progress("context: edgecore --version (shell script, Python stand-in), SQLite commits")
-    results["context"] = {
-        "shell_version_ms_median":
-            statistics.median(time_version_probe(binary, 20)) * 1e3
-            if args.version_probe == "shell" else None,
-        "standin_version_ms_median": statistics.median(time_version_probe(standin, 20)) * 1e3,
-    }
+    progress("context: SQLite commits")
     commits = sorted(time_sqlite_commits(s.work, 200))
-    results["context"]["sqlite_commit_ms_median"] = statistics.median(commits) * 1e3
-    results["context"]["sqlite_commit_ms_p99"] = percentile(commits, 99) * 1e3
+    results["context"] = {
+        "sqlite_commit_ms_median": statistics.median(commits) * 1e3,
+        "sqlite_commit_ms_p99": percentile(commits, 99) * 1e3,
+    }
 
     if args.idle_seconds > 0:
         results["idle"] = run_idle(s, args.idle_seconds, args.settle_seconds,
@@ -760,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(r: dict[str, Any]) -> None:
     p = r["params"]
-    print(f"version probe: {p['version_probe']}; broker nodelay: {p['broker_nodelay']}; "
+    print(f"broker nodelay: {p['broker_nodelay']}; "
           f"agent nodelay: {p['agent_nodelay']}; total {r['total_s']:.0f} s")
     print(f"baseline broker round trip (controller -> node-2 client):  {fmt(r['baseline'])}")
     print(f"agent dry run, publish -> rehearsal report:               {fmt(r['dry_run'])}")
@@ -787,11 +749,7 @@ def report(r: dict[str, Any]) -> None:
              f"{r['skip_final']['over_1s']} final 'skipped' reports"
              if "skip_received" in r else ""))
     c = r["context"]
-    shell = c["shell_version_ms_median"]
-    print("context: `edgecore --version` "
-          + (f"shell script {shell:.1f} ms, " if shell is not None else "")
-          + f"Python stand-in {c['standin_version_ms_median']:.1f} ms (medians of 20); "
-          f"SQLite WAL synchronous=FULL commit {c['sqlite_commit_ms_median']:.2f} ms "
+    print(f"context: SQLite WAL synchronous=FULL commit {c['sqlite_commit_ms_median']:.2f} ms "
           f"(median of 200, p99 {c['sqlite_commit_ms_p99']:.2f} ms)")
     print(f"daemon RSS: {r['rss_connected_mib']:.1f} MiB just connected, "
           f"{r['rss_after_load_mib']:.1f} MiB after the runs")

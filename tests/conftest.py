@@ -115,9 +115,25 @@ class Sandbox:
         return [r for r in self.reports() if r["final"] and job_key in (None, r["jobKey"])]
 
     def running_version(self) -> str:
-        out = subprocess.run([str(self.binary), "--version"], capture_output=True, text=True,
-                             check=False, timeout=10)
-        return out.stdout.strip().split()[-1] if out.returncode == 0 else ""
+        """The version the running edgecore logged at start; "" if none is running.
+
+        Never executes edgecore: it has no version flag, and `edgecore --version`
+        starts a second one. Its stderr is appended to <root>/var/log/edgecore.log,
+        where its first line is the klog ``Version:`` line, with its pid.
+        """
+        from standins import logged_version
+
+        deadline = time.monotonic() + 5  # a just-started one may not have logged yet
+        while True:
+            pid = edgecore_pid(self.root)
+            if pid is None:
+                return ""
+            version = logged_version(self.root, pid)
+            if version is not None:
+                return version
+            if time.monotonic() > deadline:
+                return ""
+            time.sleep(0.02)
 
     def edgecore_running(self) -> bool:
         return edgecore_pid(self.root) is not None

@@ -9,6 +9,7 @@ interpreter = sys.executable of the builder).
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -18,8 +19,12 @@ from pathlib import Path
 
 import yaml
 
+from agent.adapters.service import version_in_log
+
 __all__ = [
+    "VERSION_LINE",
     "edgecore_pid",
+    "logged_version",
     "make_image_dir",
     "make_node",
     "start_edgecore",
@@ -34,6 +39,13 @@ _CONFIG = Path("etc", "kubeedge", "config", "edgecore.yaml")
 _DB = Path("var", "lib", "kubeedge", "edgecore.db")
 _PIDFILE = Path("run", "edgecore.pid")
 _LOG = Path("var", "log", "edgecore.log")
+# The klog line every edgecore (real or stand-in) logs first at start, e.g.
+# "I1130 15:06:04.800382   30539 server.go:103] Version: v1.13.0" (pid after the time).
+VERSION_LINE = re.compile(
+    r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +(?P<pid>\d+) [^\]]*\] Version: (?P<version>v\S+)$"
+)
+# What a stand-in may be built as: a tag, printable, one line.
+_VERSION_TEXT = re.compile(r"v\d+\.\d+\.\d+[0-9A-Za-z.+-]*")
 
 # Popen handles for edgecores this process started, so they get reaped instead
 # of lingering as zombies that would look alive to a naive kill(pid, 0).
@@ -42,8 +54,20 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 def _render(template: str, constants: dict[str, object],
             interpreter: str | None = None) -> str:
+    version = str(constants["VERSION"])
+    if not _VERSION_TEXT.fullmatch(version):
+        raise ValueError(f"bad stand-in version {version!r}")
+    program = template.removesuffix("_template.py")
     # The end-to-end host runs the scripts with its own /usr/bin/python3.
-    lines = [f"#!{interpreter or sys.executable}"]
+    lines = [
+        f"#!{interpreter or sys.executable}",
+        # Like a real build (-X ...version.gitVersion=<tag>), the file holds its
+        # version exactly once as a bare literal, a line of its own: nothing
+        # printable on either side. VERSION below is quoted, so it is not one.
+        f'"""Stand-in {program} from tests/standins, built as',
+        version,
+        '"""',
+    ]
     lines += [f"{name} = {value!r}" for name, value in constants.items()]
     body = (_HERE / template).read_text(encoding="utf-8")
     return "\n".join(lines) + "\n" + body
@@ -60,14 +84,10 @@ def _write_executable(path: Path, text: str) -> Path:
 
 
 def write_edgecore(
-    path: Path, version: str, *, behaviour: str = "ok", version_flag: bool = True,
-    interpreter: str | None = None,
+    path: Path, version: str, *, behaviour: str = "ok", interpreter: str | None = None,
 ) -> Path:
-    constants: dict[str, object] = {
-        "VERSION": version,
-        "BEHAVIOUR": behaviour,
-        "VERSION_FLAG": version_flag,
-    }
+    """Like the real edgecore: no version flag; it logs ``Version: <v>`` first at start."""
+    constants: dict[str, object] = {"VERSION": version, "BEHAVIOUR": behaviour}
     return _write_executable(path, _render("edgecore_template.py", constants, interpreter))
 
 
@@ -84,16 +104,13 @@ def make_image_dir(
     *,
     edgecore_behaviour: str = "ok",
     keadm_behaviour: str = "ok",
-    version_flag: bool = True,
 ) -> Path:
     parts = Path(repo).parts
     if not parts or Path(repo).is_absolute() or ".." in parts or "/" in version:
         raise ValueError(f"bad image reference {repo!r}:{version!r}")
     image = images_dir / repo / version
     bindir = image / _BIN
-    write_edgecore(
-        bindir / "edgecore", version, behaviour=edgecore_behaviour, version_flag=version_flag
-    )
+    write_edgecore(bindir / "edgecore", version, behaviour=edgecore_behaviour)
     write_keadm(bindir / "keadm", version, behaviour=keadm_behaviour)
     return image
 
@@ -125,12 +142,11 @@ def make_node(
     *,
     node_name: str = "node-1",
     db_rows: int = 50,
-    version_flag: bool = True,
     metaserver_port: int | None = None,
     config_version_field: bool = False,
 ) -> None:
     root = root.absolute()
-    write_edgecore(root / _BIN / "edgecore", version, version_flag=version_flag)
+    write_edgecore(root / _BIN / "edgecore", version)
     db_path = root / _DB
     edged: dict[str, object] = {"hostnameOverride": node_name}
     if config_version_field:
@@ -183,6 +199,20 @@ def _read_pid(root: Path) -> int | None:
         return int((root / _PIDFILE).read_text(encoding="utf-8").strip())
     except (OSError, ValueError):
         return None
+
+
+def logged_version(root: Path, pid: int) -> str | None:
+    """The version edgecore ``pid`` logged at start, from <root>/var/log/edgecore.log.
+
+    The process manager (start_edgecore, the stand-in keadm) appends each
+    edgecore's stderr there; a recycled pid's newer line wins.
+    """
+    try:
+        with (root / _LOG).open("rb") as log:
+            lines = [raw.decode(errors="replace").rstrip("\n") for raw in log]
+    except OSError:
+        return None
+    return version_in_log(lines, pid)
 
 
 def edgecore_pid(root: Path) -> int | None:

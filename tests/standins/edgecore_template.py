@@ -1,13 +1,28 @@
 """Template for the stand-in `edgecore` binary.
 
-The builder in tests/standins/__init__.py prepends a shebang plus VERSION,
-BEHAVIOUR and VERSION_FLAG assignments; the fallbacks below only exist so the
+The builder in tests/standins/__init__.py prepends a shebang, a docstring that
+holds the version as a bare literal (as a real build holds its -X version), and
+VERSION and BEHAVIOUR assignments; the fallbacks below only exist so the
 template itself can be imported and type-checked. Only stdlib + yaml allowed:
 the generated script runs outside this package.
+
+What it imitates of the real edgecore (v1.12.1 and v1.13.0 measured, see
+../shared/kubeedge/README.md and tests/test_standins.py):
+
+* There is no version flag. ``--version`` is a hidden boolean flag that is
+  parsed and ignored: edgecore starts, with ``--config`` if given, else with
+  the absolute default /etc/kubeedge/config/edgecore.yaml (never remapped
+  under a sandbox root).
+* A missing config file: one klog fatal line (multi-line message) on stderr,
+  nothing on stdout, exit 1.
+* Bad flags: ``Error: ...`` plus usage on stderr, exit 1.
+* The first line it logs (stderr, klog format, its own pid) is
+  ``Version: <version>``; no other line carries the version.
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -15,6 +30,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
@@ -23,16 +39,50 @@ import yaml
 
 _VERSION = str(globals().get("VERSION", "v0.0.0"))
 _BEHAVIOUR = str(globals().get("BEHAVIOUR", "ok"))
-_VERSION_FLAG = bool(globals().get("VERSION_FLAG", True))
 
+_DEFAULT_CONFIG = "/etc/kubeedge/config/edgecore.yaml"
 _CONFIG_SUFFIX = os.path.join("etc", "kubeedge", "config", "edgecore.yaml")
-_USAGE = "Usage: edgecore --config <file> | edgecore --version\n"
+# server.go lines of the config check's klog.Exit and of the "Version:" line,
+# per minor, from the release tags' edge/cmd/edgecore/app/server.go.
+_SERVER_GO_LINES = {
+    12: (58, 74), 13: (62, 103), 14: (62, 103), 15: (61, 102), 16: (61, 102),
+    17: (61, 102), 18: (62, 103), 19: (62, 103), 20: (62, 103), 21: (63, 104),
+    22: (63, 104), 23: (66, 107),
+}
+# Go's strconv.ParseBool, plus verflag's "raw".
+_BOOL_OR_RAW = {
+    "1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False", "raw",
+}
+_USAGE = """Usage:
+  edgecore [flags]
+
+Global flags:
+
+      --config string                    The path to the configuration file. Flags override \
+values in this file. (default "/etc/kubeedge/config/edgecore.yaml")
+  -h, --help                             help for edgecore
+"""
+_HELP = "Edgecore is the core edge part of KubeEdge (test stand-in).\n\n" + _USAGE
 
 
-def _log(msg: str) -> None:
-    # stderr is appended to <root>/var/log/edgecore.log by whoever started us.
-    sys.stderr.write(f"edgecore {_VERSION}: {msg}\n")
+def _server_go_lines() -> tuple[int, int]:
+    match = re.match(r"v1\.(\d+)\.", _VERSION)
+    return _SERVER_GO_LINES.get(int(match.group(1)) if match else 0, (62, 103))
+
+
+def _klog(severity: str, where: str, msg: str) -> None:
+    # klog's header: Lmmdd hh:mm:ss.uuuuuu threadid file:line] msg
+    # (the "thread id" is the pid, right-aligned in 7 columns).
+    now = datetime.now()
+    sys.stderr.write(
+        f"{severity}{now:%m%d %H:%M:%S}.{now.microsecond:06d} {os.getpid():7d} {where}] {msg}\n"
+    )
     sys.stderr.flush()
+
+
+def _log(msg: str, where: str = "core.go:46") -> None:
+    # stderr is appended to <root>/var/log/edgecore.log by whoever started us.
+    _klog("I", where, msg)
 
 
 def _root_from_config(config: str) -> str:
@@ -79,7 +129,7 @@ def _migrate(db_path: str) -> None:
             )
     finally:
         conn.close()
-    _log(f"migrated database {db_path} to {_VERSION}")
+    _log(f"migrated database {db_path} to this build's schema", "dbm.go:72")
 
 
 def _make_handler(node_name: str) -> type[BaseHTTPRequestHandler]:
@@ -126,27 +176,47 @@ def _start_metaserver(config: dict[str, Any]) -> ThreadingHTTPServer | None:
     return server
 
 
+def _exit(msg: str, line: int) -> int:
+    # klog.Exit: a fatal-severity line, then exit 1.
+    _klog("F", f"server.go:{line}", msg)
+    return 1
+
+
 def _run(config_path: str) -> int:
+    exit_line, version_line = _server_go_lines()
+    # options.Validate(): only that the path exists (os.Stat), checked first.
+    if not os.path.exists(config_path):
+        return _exit(
+            "[\n  config: Required value: config file "
+            f"{config_path} not exist. For the configuration file format, please refer to "
+            "--minconfig and --defaultconfig command\n]",
+            exit_line,
+        )
     try:
         with open(config_path, encoding="utf-8") as fh:
             config = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as exc:
-        _log(f"failed to load config {config_path}: {exc}")
-        return 1
+        return _exit(f"failed to load config {config_path}: {exc}", exit_line + 5)
+    if not isinstance(config, dict):
+        return _exit(f"failed to load config {config_path}: not a mapping", exit_line + 5)
+    # Like every real release: the version is the first line logged at start.
+    _log(f"Version: {_VERSION}", f"server.go:{version_line}")
     default_db = os.path.join(_root_from_config(config_path), "var/lib/kubeedge/edgecore.db")
     db_path = str(_section(config, "database").get("dataSource") or default_db)
     try:
         _migrate(db_path)
     except sqlite3.Error as exc:
-        _log(f"failed to open database {db_path}: {exc}")
+        _klog("E", "dbm.go:60", f"failed to open database {db_path}: {exc}")
         return 1
 
     if _BEHAVIOUR == "crash":
-        time.sleep(0.3)
-        _log("panic: simulated crash on start")
+        # Soon after start, as a bad config or database does; well inside the
+        # sandbox tests' 0.5 s health grace even on a loaded machine.
+        time.sleep(0.1)
+        _klog("E", "core.go:88", "panic: simulated crash on start")
         return 1
     if _BEHAVIOUR != "ok":
-        _log(f"unknown stand-in behaviour {_BEHAVIOUR!r}")
+        _klog("E", "core.go:88", f"unknown stand-in behaviour {_BEHAVIOUR!r}")
         return 2
 
     stop = threading.Event()
@@ -159,9 +229,9 @@ def _run(config_path: str) -> int:
     try:
         server = _start_metaserver(config)
     except (OSError, ValueError) as exc:
-        _log(f"failed to start metaserver: {exc}")
+        _klog("E", "server.go:60", f"failed to start metaserver: {exc}")
         return 1
-    _log(f"started (pid {os.getpid()})")
+    _log("stand-in edgecore started, all modules running")
     # Timed waits: the signal handler runs between them even if wait() is not
     # interrupted on this platform.
     while not stop.wait(0.1):
@@ -169,23 +239,68 @@ def _run(config_path: str) -> int:
     if server is not None:
         server.shutdown()
         server.server_close()
-    _log("stopped")
+    _log("stopped", "core.go:62")
     return 0
 
 
+class _FlagError(Exception):
+    pass
+
+
+class _Help(Exception):
+    pass
+
+
+def _parse(argv: list[str]) -> str:
+    """The config path, parsed the way cobra/pflag parse edgecore's flags."""
+    config = _DEFAULT_CONFIG
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            break  # the rest is positional, and edgecore ignores arguments
+        if not arg.startswith("-") or arg == "-":
+            continue
+        if not arg.startswith("--"):
+            if arg == "-h":
+                raise _Help
+            raise _FlagError(f"unknown shorthand flag: '{arg[1]}' in {arg}")
+        name, eq, value = arg[2:].partition("=")
+        if name == "help":
+            raise _Help
+        if name == "config":
+            if not eq:
+                if not args:
+                    raise _FlagError("flag needs an argument: --config")
+                value = args.pop(0)
+            config = value
+        elif name == "version":
+            # verflag's hidden flag: takes an optional bool (or "raw"), does nothing.
+            if eq and value not in _BOOL_OR_RAW:
+                raise _FlagError(
+                    f'invalid argument "{value}" for "--version" flag: '
+                    f'strconv.ParseBool: parsing "{value}": invalid syntax'
+                )
+        else:
+            raise _FlagError(f"unknown flag: --{name}")
+    return config
+
+
+def _usage_error(msg: str) -> int:
+    sys.stderr.write(f"Error: {msg}\n{_USAGE}")
+    sys.stderr.flush()
+    return 1
+
+
 def main(argv: list[str]) -> int:
-    if argv == ["--version"]:
-        if _VERSION_FLAG:
-            print(f"KubeEdge {_VERSION}", flush=True)
-            return 0
-        sys.stderr.write("Error: unknown flag: --version\n")
-        return 1
-    if len(argv) == 2 and argv[0] == "--config":
-        return _run(argv[1])
-    if len(argv) == 1 and argv[0].startswith("--config="):
-        return _run(argv[0].partition("=")[2])
-    sys.stderr.write(_USAGE)
-    return 2
+    try:
+        config = _parse(argv)
+    except _FlagError as exc:
+        return _usage_error(str(exc))
+    except _Help:
+        sys.stdout.write(_HELP)
+        return 0
+    return _run(config)
 
 
 if __name__ == "__main__":

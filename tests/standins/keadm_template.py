@@ -1,27 +1,58 @@
 """Template for the stand-in `keadm` binary.
 
-The builder in tests/standins/__init__.py prepends a shebang plus VERSION and
-BEHAVIOUR assignments; the fallbacks below only exist so the template itself can
-be imported and type-checked. The generated script must be standalone (stdlib +
-yaml), which is why the edgecore start/stop helpers duplicate those in
-__init__.py instead of importing them.
+The builder in tests/standins/__init__.py prepends a shebang, a docstring that
+holds the version as a bare literal, and VERSION and BEHAVIOUR assignments; the
+fallbacks below only exist so the template itself can be imported and
+type-checked. The generated script must be standalone (stdlib + yaml), which is
+why the edgecore start/stop helpers duplicate those in __init__.py instead of
+importing them.
+
+The upgrade follows the real keadm of each era (sources at the release tags,
+v1.13.0 measured; ../shared/kubeedge/README.md):
+
+* Era A, ``keadm upgrade --upgradeID --historyID --fromVersion --toVersion
+  --config --image`` (v1.12-v1.15), and Era B, ``keadm upgrade edge ...``
+  (v1.16-v1.20): read the config, refuse while ``idempotency_record`` exists
+  (and, from a deferred cleanup, remove it even then), create it, back up
+  ``edgecore.db`` (from ``database.dataSource``, copied while edgecore runs),
+  ``edgecore.yaml`` and ``edgecore`` to ``/etc/kubeedge/backup/<fromVersion>/``
+  (Era B unless ``--disable-backup``), pull, stage the new binary under
+  ``/etc/kubeedge/upgrade/<toVersion>/`` (left behind), stop edgecore (on
+  systemd: stop, disable, delete the unit file, daemon-reload), install the
+  binary, write keadm's own unit file, daemon-reload, enable, start; log that
+  the report to the cloud failed; exit 0.
+* Era C, ``keadm upgrade edge --force ...`` (v1.21+, or any ``--force``): no
+  backup, the unit file is kept; without ``--force`` (and without
+  ``--upgradeID``) it asks y/N on stdin and, with no "y", does nothing and
+  exits 0.
+
+Under a sandbox root (EDGE_UPGRADE_ROOT, no systemd) edgecore is stopped and
+started through <root>/run/edgecore.pid, and the unit rewrite applies to
+<root>/etc/systemd/system/edgecore.service if that file exists.
 """
 
 import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from typing import NoReturn
+from datetime import datetime
+from typing import Any, NoReturn
+
+import yaml
 
 _VERSION = str(globals().get("VERSION", "v0.0.0"))
 _BEHAVIOUR = str(globals().get("BEHAVIOUR", "ok"))
 
 _DEFAULT_IMAGE = "kubeedge/installation-package"
+_UNIT = "edgecore.service"
+# keadm writes these paths as constants: they are not taken from any flag.
+_BINARY_ON_HOST = "/usr/local/bin/edgecore"
 # Lets agent tests assert the exact argv the agent chose for each keadm era.
 _ARGV_LOG_ENV = "KEADM_STANDIN_ARGV_LOG"
 _USAGE = """Usage:
@@ -29,26 +60,110 @@ _USAGE = """Usage:
   keadm upgrade --toVersion T [--upgradeID ID --historyID HID --fromVersion F --config C --image I]
   keadm upgrade edge --toVersion T [--force] [--config C] [--image I] [--image-digest D] ...
 """
+# Era A's flags and help lines, as `keadm upgrade --help` of v1.12.1/v1.13.0 prints them.
+_ERA_A_HELP = """Upgrade edge component. Upgrade the edge node to the desired version.
+
+Usage:
+  keadm upgrade [flags]
+
+Flags:
+      --config string        Use this key to specify the path to the edgecore configuration \
+file. (default "/etc/kubeedge/config/edgecore.yaml")
+      --fromVersion string   Use this key to specify the origin version before upgrade
+  -h, --help                 help for upgrade
+      --historyID string     Use this key to specify Upgrade CR status history ID.
+      --image string         Use this key to specify installation image to download.
+      --toVersion string     Use this key to upgrade the required KubeEdge version \
+(default "{to_version}")
+      --upgradeID string     Use this key to specify Upgrade CR ID
+"""
+_EDGE_HELP = """Upgrade the edge node to the desired version.
+
+Usage:
+  keadm upgrade edge [flags]
+
+Flags:
+      --config string         (default "/etc/kubeedge/config/edgecore.yaml")
+      --disable-backup
+      --force
+      --fromVersion string
+  -h, --help                  help for edge
+      --historyID string
+      --image string
+      --image-digest string
+      --post-run string
+      --pre-run string
+      --toVersion string      (default "{to_version}")
+      --type string           (default "upgrade")
+      --upgradeID string
+"""
+_UPGRADE_TIPS = (
+    "Upgrade will automatically back up the edge node's data and configuration files "
+    "before upgrading. (stand-in: Era C does not back up)"
+)
 
 
 class _CobraError(Exception):
     pass
 
 
+class _HelpRequested(Exception):
+    pass
+
+
 class _Parser(argparse.ArgumentParser):
     # argparse exits 2 with its own wording; cobra prints "Error: ..." and exits 1.
     def error(self, message: str) -> NoReturn:
-        raise _CobraError(message)
+        needs = re.fullmatch(r"argument (--[\w-]+): expected one argument", message)
+        raise _CobraError(f"flag needs an argument: {needs[1]}" if needs else message)
+
+    def print_help(self, file: Any = None) -> None:
+        raise _HelpRequested
+
+
+class _StepError(Exception):
+    """An upgrade step failed; the message is keadm's error text."""
+
+
+def _minor() -> int | None:
+    match = re.match(r"v1\.(\d+)\.", _VERSION)
+    return int(match.group(1)) if match else None
+
+
+def _default_to_version(era: str) -> str:
+    # keadm's DefaultKubeEdgeVersion lags: v1.13.0 defaults to v1.12.0, v1.12.1 to
+    # v1.11.0; from v1.22 it is the minor's own .0.
+    minor = _minor()
+    if minor is None:
+        return "v1.0.0"
+    return f"v1.{minor if era == 'C' else minor - 1}.0"
 
 
 def _progress(msg: str) -> None:
     print(f"[keadm {_VERSION}] {msg}", flush=True)
 
 
-def _fail(msg: str) -> int:
-    sys.stderr.write(f"Error: {msg}\n")
+def _klog(severity: str, where: str, msg: str) -> None:
+    now = datetime.now()
+    sys.stderr.write(
+        f"{severity}{now:%m%d %H:%M:%S}.{now.microsecond:06d} {os.getpid():7d} {where}] {msg}\n"
+    )
     sys.stderr.flush()
+
+
+def _fail(msg: str, usage: str = "Usage:\n  keadm upgrade [flags]\n") -> int:
+    # cobra prints the error and the usage on stderr; keadm's main() then prints
+    # its own line on stdout and exits 1.
+    sys.stderr.write(f"Error: {msg}\n{usage}\n")
+    sys.stderr.flush()
+    print(f"execute keadm command failed:  {msg}", flush=True)
     return 1
+
+
+def _go_error(op: str, path: str, exc: OSError) -> str:
+    # Go's *PathError text, e.g. "open /x: no such file or directory".
+    reason = (exc.strerror or str(exc)).lower()
+    return f"{op} {path}: {reason}"
 
 
 def _alive(pid: int) -> bool:
@@ -89,14 +204,83 @@ def _systemd(root: str) -> bool:
     return root == "/" and os.path.isdir("/run/systemd/system")
 
 
+def _sh(*argv: str) -> None:
+    # keadm runs these through `sh -c` and fails on a non-zero exit.
+    proc = subprocess.run(list(argv), check=False, timeout=60)
+    _progress(" ".join(argv))
+    if proc.returncode != 0:
+        raise _StepError(f"exit status {proc.returncode}")
+
+
 def _systemctl(*args: str) -> None:
-    subprocess.run(["systemctl", *args, "edgecore.service"], check=True, timeout=60)
-    _progress(f"systemctl {' '.join(args)} edgecore.service")
+    _sh("systemctl", *args, _UNIT)
 
 
-def _stop_edgecore(root: str) -> None:
-    if _systemd(root):
+def _unit_path(root: str) -> str:
+    return os.path.join(root, "etc", "systemd", "system", _UNIT)
+
+
+def _unit_text(config: str) -> str:
+    """keadm's own edgecore.service (common/content.go, extsystem/simple.service)."""
+    minor = _minor()
+    extra = ""
+    if minor is not None and minor >= 20:
+        extra = 'Environment="DEPLOY_MQTT_CONTAINER=false"\nKillMode=process\n'
+    elif minor is not None and minor >= 16:
+        extra = "Environment=DEPLOY_MQTT_CONTAINER=false\nKillMode=process\n"
+    elif minor == 15:
+        extra = "Environment=DEPLOY_MQTT_CONTAINER=false\n"
+    return (
+        "[Unit]\nDescription=edgecore.service\n\n[Service]\nType=simple\n"
+        f"ExecStart={_BINARY_ON_HOST} --config {config}\nRestart=always\nRestartSec=10\n"
+        f"{extra}\n[Install]\nWantedBy=multi-user.target\n"
+    )
+
+
+def _write_unit(path: str, config: str) -> None:
+    # os.WriteFile(path, content, os.ModePerm) on a path keadm just removed.
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o777)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(_unit_text(config))
+    _progress(f"wrote {path}")
+
+
+def _unit_enabled(name: str) -> bool:
+    # `systemctl list-unit-files | grep enabled | grep <name>`, as keadm checks it
+    # (so "edge" also matches e.g. edge-upgrade-agent.service).
+    proc = subprocess.run(
+        ["systemctl", "list-unit-files"], capture_output=True, text=True, check=False, timeout=60
+    )
+    return any("enabled" in line and name in line for line in proc.stdout.splitlines())
+
+
+def _kill_edgecore_systemd(era: str) -> None:
+    if era == "C":
         _systemctl("stop")
+        return
+    # util.KillKubeEdgeBinary("edgecore") of v1.12-v1.20.
+    service = ""
+    if _unit_enabled("edge"):
+        service = "edge"
+    if _unit_enabled("edgecore"):
+        service = "edgecore"
+    if not service:
+        _sh("pkill", "edgecore")
+        return
+    _sh("systemctl", "stop", f"{service}.service")
+    _sh("systemctl", "disable", f"{service}.service")
+    unit = f"/etc/systemd/system/{service}.service"
+    if os.path.exists(unit):
+        os.unlink(unit)
+        _progress(f"rm {unit}")
+    _sh("systemctl", "daemon-reload")
+
+
+def _stop_edgecore(root: str, era: str) -> None:
+    if _systemd(root):
+        _kill_edgecore_systemd(era)
+        print("edgecore is stopped", flush=True)
         return
     pidfile = os.path.join(root, "run", "edgecore.pid")
     pid = _read_pid(pidfile)
@@ -113,12 +297,27 @@ def _stop_edgecore(root: str) -> None:
         _progress("edgecore is not running")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pidfile)
+    if era != "C" and os.path.exists(_unit_path(root)):
+        # What stop/disable/rm did to the unit on a systemd host.
+        os.unlink(_unit_path(root))
+        _progress(f"rm {_unit_path(root)}")
 
 
-def _start_edgecore(root: str, config: str) -> int:
+def _start_edgecore(root: str, config: str, era: str, unit_removed: bool, start: bool) -> None:
     if _systemd(root):
-        _systemctl("start")
-        return 0
+        if era != "C":
+            _write_unit(_unit_path("/"), config)
+            _sh("systemctl", "daemon-reload")
+            _sh("systemctl", "enable", "edgecore")
+            if start:
+                _sh("systemctl", "start", "edgecore")
+        elif start:
+            _systemctl("start")
+        return
+    if unit_removed:
+        _write_unit(_unit_path(root), config)
+    if not start:
+        return
     binary = os.path.join(root, "usr", "local", "bin", "edgecore")
     log_path = os.path.join(root, "var", "log", "edgecore.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -140,7 +339,17 @@ def _start_edgecore(root: str, config: str) -> int:
         fh.write(f"{proc.pid}\n")
     os.replace(tmp, pidfile)
     _progress(f"started edgecore (pid {proc.pid})")
-    return proc.pid
+
+
+def _copy(src: str, dst: str) -> None:
+    """keadm's copy(): a regular file, dst opened O_TRUNC with src's mode."""
+    st = os.stat(src)
+    if not os.path.isfile(src):
+        raise OSError(f"{src} is not a regular file")
+    with open(src, "rb") as source:
+        fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, st.st_mode & 0o7777)
+        with os.fdopen(fd, "wb") as destination:
+            shutil.copyfileobj(source, destination)
 
 
 def _install_binary(new_bin: str, target: str) -> None:
@@ -167,54 +376,163 @@ def _hang() -> NoReturn:
         time.sleep(3600)
 
 
-def _upgrade(args: argparse.Namespace) -> int:
-    root = os.environ.get("EDGE_UPGRADE_ROOT", "/")
-    config = args.config or os.path.join(root, "etc", "kubeedge", "config", "edgecore.yaml")
+def _section(data: Any, *keys: str) -> dict[str, Any]:
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def _backup(root: str, config: str, cfg: dict[str, Any], from_version: str) -> None:
+    """PreProcess of v1.12-v1.20: plain copies, overwriting an earlier backup."""
+    backup = os.path.join(root, "etc", "kubeedge", "backup", from_version)
+    os.makedirs(backup, 0o750, exist_ok=True)
+    data_source = str(_section(cfg, "database").get("dataSource") or "")
+    binary = os.path.join(root, "usr", "local", "bin", "edgecore")
+    for src, name, what in (
+        (data_source, "edgecore.db", "failed to backup db"),
+        (config, "edgecore.yaml", "failed to back config"),
+        (binary, "edgecore", "failed to backup edgecore"),
+    ):
+        try:
+            _copy(src, os.path.join(backup, name))
+        except OSError as exc:
+            detail = _go_error("stat", src, exc) if exc.strerror else str(exc)
+            raise _StepError(f"{what}: {detail}") from exc
+    _progress(f"backed up edgecore.db, edgecore.yaml and edgecore to {backup}")
+
+
+def _report_failed(cfg: dict[str, Any]) -> None:
+    # No cloud here: the report fails, is logged, and does not change the exit code.
+    ca = str(_section(cfg, "modules", "edgeHub").get("tlsCaFile") or "")
+    reason = f"failed to read ca: open {ca}: no such file or directory"
+    if ca and os.path.exists(ca):
+        reason = "post http request failed: stand-in keadm has no cloud to report to"
+    _klog("E", "upgrade.go:104", f"failed to report upgrade result to cloud: {reason}")
+
+
+def _upgrade_ab(args: argparse.Namespace, era: str, root: str, config: str, lock: str) -> int:
+    """`keadm upgrade` of v1.12-v1.15 and `keadm upgrade edge` of v1.16-v1.20."""
+    try:
+        with open(config, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        return _fail(f"failed to read config file {config}: {_go_error('open', config, exc)}")
+    try:
+        cfg = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        return _fail(f"failed to unmarshal config file {config}: {exc}")
+    if not isinstance(cfg, dict):
+        return _fail(f"failed to unmarshal config file {config}: not a mapping")
+    try:
+        error = _run_ab(args, era, config, cfg, root=root, lock=lock)
+    finally:
+        # The deferred report and cleanup: they run before cobra prints the
+        # error, and the record goes even when it was someone else's.
+        _report_failed(cfg)
+        try:
+            os.unlink(lock)
+        except OSError as exc:
+            _klog("E", "upgrade.go:108", f"failed to remove idempotency_record file({lock}): "
+                  f"{_go_error('remove', lock, exc)}")
+    return 0 if error is None else _fail(error)
+
+
+def _run_ab(args: argparse.Namespace, era: str, config: str, cfg: dict[str, Any], *,
+            root: str, lock: str) -> str | None:
+    if os.path.exists(lock):
+        return "last upgrade not finished, not allowed upgrade again"
+    os.makedirs(os.path.dirname(lock), 0o750, exist_ok=True)
+    with open(lock, "w", encoding="utf-8"):
+        pass  # os.Create: an empty file
+    _progress(f"created upgrade record {lock}")
+    _klog("I", "upgrade.go:160", "upgrade preprocess start")
+    if not getattr(args, "disable_backup", False):
+        try:
+            _backup(root, config, cfg, args.fromVersion or "")
+        except _StepError as exc:
+            return f"upgrade pre process failed: {exc}"
+    _klog("I", "upgrade.go:180", f"Begin to download version {args.toVersion} edgecore")
+    if _BEHAVIOUR == "hang":
+        _hang()
+    image = args.image or ""
+    new_bin = os.path.join(os.path.dirname(os.path.realpath(sys.argv[0])), "edgecore")
+    _progress(f"pulling image {image}")
+    if _BEHAVIOUR == "fail" or not os.path.isfile(new_bin):
+        why = "simulated" if _BEHAVIOUR == "fail" else f"no edgecore in the image ({new_bin})"
+        return f"upgrade pre process failed: pull image failed: " \
+               f"failed to pull image {image}: {why}"
+    staged = os.path.join(root, "etc", "kubeedge", "upgrade", args.toVersion, "edgecore")
+    os.makedirs(os.path.dirname(staged), exist_ok=True)
+    shutil.copyfile(new_bin, staged)
+    os.chmod(staged, 0o755)
+    _klog("I", "upgrade.go:232", "upgrade process start")
+    return _process(root, config, era, staged, args.toVersion)
+
+
+def _process(root: str, config: str, era: str, new_bin: str, to_version: str) -> str | None:
+    """Stop, install, (rewrite the unit,) start: the error text, or None."""
+    target = os.path.join(root, "usr", "local", "bin", "edgecore")
+    if _BEHAVIOUR not in ("ok", "ok-no-restart", "fail-after-stop"):
+        return f"unknown stand-in behaviour {_BEHAVIOUR!r}"
+    unit_removed = era != "C" and os.path.exists(_unit_path(root))
+    try:
+        _stop_edgecore(root, era)
+    except _StepError as exc:
+        return f"upgrade process failed: failed to stop edgecore: {exc}"
+    if _BEHAVIOUR == "fail-after-stop":
+        # A keadm that dies half-way: edgecore stopped, binary broken, no rollback.
+        os.truncate(target, 0)
+        return f"failed to copy edgecore to {target}: simulated I/O error"
+    _install_binary(new_bin, target)
+    try:
+        _start_edgecore(root, config, era, unit_removed, start=_BEHAVIOUR == "ok")
+    except _StepError as exc:
+        return f"upgrade process failed: failed to start edgecore: {exc}"
+    _progress(f"upgrade to {to_version} finished")
+    return None
+
+
+def _upgrade_c(args: argparse.Namespace, root: str, config: str, lock: str) -> int:
+    """`keadm upgrade edge` of v1.21+: no backup, the unit file is kept."""
     image = args.image or _DEFAULT_IMAGE
+    usage = "Usage:\n  keadm upgrade edge [flags]\n"
+    if not args.force and not args.upgradeID:
+        print(_UPGRADE_TIPS, flush=True)
+        print("Are you sure you want to proceed? [y/N]: ", end="", flush=True)
+        answer = sys.stdin.readline().strip()
+        if answer.lower() != "y":
+            _klog("I", "upgrade.go:63", "aborted upgrade operation")
+            return 0
     _progress(f"upgrading edge node from {args.fromVersion or '?'} to {args.toVersion}")
-    lock = os.path.join(root, "etc", "kubeedge", "idempotency_record")
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     try:
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        return _fail("last upgrade not finished")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(f"{os.getpid()}\n")
+        return _fail("the mutually exclusive command is being executed", usage)
+    os.close(fd)
     _progress(f"created upgrade record {lock}")
     if _BEHAVIOUR == "hang":
         _hang()
+    error: str | None
     try:
-        return _run_behaviour(root, config, image, args.toVersion)
+        new_bin = os.path.join(os.path.dirname(os.path.realpath(sys.argv[0])), "edgecore")
+        _progress(f"pulling image {image}:{args.toVersion}")
+        if not os.path.isfile(new_bin):
+            error = f"new edgecore binary not found at {new_bin}"
+        elif _BEHAVIOUR == "fail":
+            error = f"failed to pull image {image}:{args.toVersion}: simulated"
+        else:
+            error = _process(root, config, "C", new_bin, args.toVersion)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
-
-
-def _run_behaviour(root: str, config: str, image: str, to_version: str) -> int:
-    new_bin = os.path.join(os.path.dirname(os.path.realpath(sys.argv[0])), "edgecore")
-    if not os.path.isfile(new_bin):
-        return _fail(f"new edgecore binary not found at {new_bin}")
-    _progress(f"pulling image {image}:{to_version}")
-    target = os.path.join(root, "usr", "local", "bin", "edgecore")
-    if _BEHAVIOUR == "fail":
-        return _fail(f"failed to pull image {image}:{to_version}: simulated")
-    if _BEHAVIOUR == "fail-after-stop":
-        _stop_edgecore(root)
-        os.truncate(target, 0)
-        return _fail(f"failed to copy edgecore to {target}: simulated I/O error")
-    if _BEHAVIOUR not in ("ok", "ok-no-restart"):
-        sys.stderr.write(f"Error: unknown stand-in behaviour {_BEHAVIOUR!r}\n")
-        return 2
-    _stop_edgecore(root)
-    _install_binary(new_bin, target)
-    if _BEHAVIOUR == "ok":
-        _start_edgecore(root, config)
-    _progress(f"upgrade to {to_version} finished")
-    return 0
+    return 0 if error is None else _fail(error, usage)
 
 
 def _upgrade_parser(edge: bool) -> _Parser:
-    parser = _Parser(prog="keadm upgrade edge" if edge else "keadm upgrade", allow_abbrev=False)
+    parser = _Parser(prog="keadm upgrade edge" if edge else "keadm upgrade",
+                     allow_abbrev=False, add_help=False)
+    parser.add_argument("-h", "--help", action="help")
     parser.add_argument("--upgradeID", dest="upgradeID")
     parser.add_argument("--historyID", dest="historyID")
     parser.add_argument("--fromVersion", dest="fromVersion")
@@ -232,9 +550,20 @@ def _upgrade_parser(edge: bool) -> _Parser:
 
 
 def _unknown(extra: str, command: str) -> int:
+    usage = f"Usage:\n  {command} [flags]\n"
     if extra.startswith("-"):
-        return _fail(f"unknown flag: {extra.partition('=')[0]}")
-    return _fail(f'unknown command "{extra}" for "{command}"')
+        return _fail(f"unknown flag: {extra.partition('=')[0]}", usage)
+    return _fail(f'unknown command "{extra}" for "{command}"', usage)
+
+
+def _version_info() -> str:
+    minor = _minor()
+    return (
+        f'version.Info{{Major:"1", Minor:"{minor if minor is not None else 0}", '
+        f'GitVersion:"{_VERSION}", GitCommit:"0000000000000000000000000000000000000000", '
+        'GitTreeState:"clean", BuildDate:"2026-01-01T00:00:00Z", GoVersion:"go1.19.8", '
+        'Compiler:"gc", Platform:"linux/amd64"}'
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -246,7 +575,7 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(_USAGE)
         return 0
     if argv[0] == "version":
-        print(f"version: {_VERSION}", flush=True)
+        print(f"version: {_version_info()}", flush=True)
         return 0
     if argv[0] != "upgrade":
         return _unknown(argv[0], "keadm")
@@ -257,18 +586,30 @@ def main(argv: list[str]) -> int:
     parser = _upgrade_parser(edge)
     try:
         args, extras = parser.parse_known_args(rest)
+    except _HelpRequested:
+        era = "C" if (_minor() or 0) >= 21 else ("B" if edge else "A")
+        sys.stdout.write((_EDGE_HELP if edge else _ERA_A_HELP)
+                         .replace("{to_version}", _default_to_version(era)))
+        return 0
     except _CobraError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), f"Usage:\n  {parser.prog} [flags]\n")
     if extras:
         return _unknown(extras[0], parser.prog)
+    era = "A"
+    if edge:
+        era = "C" if args.force or (_minor() or 0) >= 21 else "B"
     if not args.toVersion:
-        return _fail('required flag(s) "toVersion" not set')
-    if edge and not args.force and args.upgradeID is None:
-        return _fail("refusing to prompt without a terminal, pass --force")
+        args.toVersion = _default_to_version(era)
     for hook in ("pre_run", "post_run"):
         if getattr(args, hook, None):
             _progress(f"{hook} script {getattr(args, hook)} accepted (stand-in does not run it)")
-    return _upgrade(args)
+    root = os.environ.get("EDGE_UPGRADE_ROOT", "/")
+    config = args.config or os.path.join(root, "etc", "kubeedge", "config", "edgecore.yaml")
+    lock = os.path.join(root, "etc", "kubeedge", "idempotency_record")
+    if era == "C":
+        return _upgrade_c(args, root, config, lock)
+    _progress(f"upgrading edge node from {args.fromVersion or '?'} to {args.toVersion}")
+    return _upgrade_ab(args, era, root, config, lock)
 
 
 if __name__ == "__main__":
