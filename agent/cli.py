@@ -26,7 +26,7 @@ from agent.errors import AgentError
 from agent.execute import execute, recover_all, rehearse
 from agent.journal import Job
 from agent.logs import setup_logging
-from agent.messages.commands import Operation, build_command, new_job_name
+from agent.messages.commands import Command, Operation, build_command, new_job_name
 from agent.node import Node, build_node
 from agent.plan import GO, SKIP, make_plan
 from agent.runner import Runner
@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--to-version")
     ck.add_argument("--image")
     ck.add_argument("--check-items", default="cpu,mem,disk")
+    rs = cmd("resolve", "clear a rollback_failed block once the node is repaired by hand")
+    rs.add_argument("job_key", help="the key of the job that ended rollback_failed")
+    rs.add_argument("--yes", action="store_true")
     cmd("recover", "finish or roll back any job a crash left behind")
     cf = cmd("confirm", "release a job waiting for confirmation")
     cf.add_argument("job_key")
@@ -170,6 +173,10 @@ async def _upgrade(node: Node, args: argparse.Namespace, out: Output) -> int:
         out.emit({"job": job_dict(job), "plan": plan.to_dict()}, "\n".join(lines))
         return job_exit_code(job)
     _confirm(args, f"upgrade edgecore on {node.config.node_name} to {args.to_version}")
+    return await _run_job(node, cmd, out)
+
+
+async def _run_job(node: Node, cmd: Command, out: Output) -> int:
     job = await execute(node, Runner(node), cmd)
     out.emit({"job": job_dict(job)}, f"{job.state.value}: {job.reason}")
     return job_exit_code(job)
@@ -178,18 +185,21 @@ async def _upgrade(node: Node, args: argparse.Namespace, out: Output) -> int:
 async def _prepull(node: Node, args: argparse.Namespace, out: Output) -> int:
     cmd = build_command(node.config, operation=Operation.PREPULL, job_name=new_job_name("prepull"),
                         version=args.to_version, image=args.image, image_digest=args.image_digest)
-    job = await execute(node, Runner(node), cmd)
-    out.emit({"job": job_dict(job)}, f"{job.state.value}: {job.reason}")
-    return job_exit_code(job)
+    return await _run_job(node, cmd, out)
 
 
 async def _rollback(node: Node, args: argparse.Namespace, out: Output) -> int:
     cmd = build_command(node.config, operation=Operation.ROLLBACK,
                         job_name=new_job_name("rollback"), version=args.to_version)
     _confirm(args, f"roll back edgecore on {node.config.node_name}")
-    job = await execute(node, Runner(node), cmd)
-    out.emit({"job": job_dict(job)}, f"{job.state.value}: {job.reason}")
-    return job_exit_code(job)
+    return await _run_job(node, cmd, out)
+
+
+async def _resolve(node: Node, args: argparse.Namespace, out: Output) -> int:
+    cmd = build_command(node.config, operation=Operation.RESOLVE,
+                        job_name=new_job_name("resolve"), resolves=args.job_key)
+    _confirm(args, f"declare the node repaired after {args.job_key} and allow upgrades again")
+    return await _run_job(node, cmd, out)
 
 
 async def _check(node: Node, args: argparse.Namespace, out: Output) -> int:
@@ -230,6 +240,7 @@ async def _status(node: Node, out: Output) -> int:
     detected = await node.probe.detect()
     svc = await node.service.status()
     active = node.journal.jobs(active_only=True)
+    blocking = node.journal.unresolved_rollback_failure()
     data = {
         "nodeName": node.config.node_name,
         "edgecoreVersion": str(detected.version) if detected else None,
@@ -237,6 +248,7 @@ async def _status(node: Node, out: Output) -> int:
         "service": {"active": svc.active, "state": svc.state, "nRestarts": svc.n_restarts,
                     "mainPID": svc.main_pid},
         "activeJobs": [job_dict(j) for j in active],
+        "blockedBy": blocking.key if blocking else None,
         "lockHeld": node.lock.held_by_other(),
         "keadmMarker": node.keadm_marker.exists(),
         "pendingReports": len(node.journal.outbox(limit=10000)),
@@ -283,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_prepull(node, args, out))
             if args.cmd == "rollback":
                 return asyncio.run(_rollback(node, args, out))
+            if args.cmd == "resolve":
+                return asyncio.run(_resolve(node, args, out))
             if args.cmd == "check":
                 return asyncio.run(_check(node, args, out))
             if args.cmd == "confirm":

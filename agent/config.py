@@ -8,6 +8,7 @@ all of them so a sandbox directory can stand in for ``/``.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ class Paths:
     edgecore_binary: str = "/usr/local/bin/edgecore"
     edgecore_config: str = "/etc/kubeedge/config/edgecore.yaml"
     edgecore_db: str | None = None  # None: database.dataSource from edgecore.yaml
-    backup_dir: str = "/etc/kubeedge/backup"
+    # None: <state_dir>/backups. Never keadm's /etc/kubeedge/backup, which
+    # keadm overwrites with a live copy during the very upgrade we back up.
+    backup_dir: str | None = None
     keadm_lock: str = "/etc/kubeedge/idempotency_record"
     state_dir: str = "/var/lib/edge-upgrade-agent"
     run_dir: str = "/run"
@@ -130,6 +133,8 @@ class Config:
     paths: Paths = field(default_factory=Paths)
     service_manager: str = "systemd"
     edgecore_unit: str = "edgecore.service"
+    edgecore_unit_file: str | None = None  # None: /etc/systemd/system/<unit>
+    preserve_unit: bool = True  # put the operator's unit back after keadm rewrote it
     policy: VersionPolicy = field(default_factory=VersionPolicy)
     default_timeout_seconds: int = 300
     max_state_entries: int = 5
@@ -145,6 +150,16 @@ class Config:
     @property
     def state_dir(self) -> Path:
         return self.paths.node(self.paths.state_dir)
+
+    @property
+    def backup_root(self) -> Path:
+        if self.paths.backup_dir is None:
+            return self.state_dir / "backups"
+        return self.paths.node(self.paths.backup_dir)
+
+    @property
+    def unit_file(self) -> str:
+        return self.edgecore_unit_file or f"/etc/systemd/system/{self.edgecore_unit}"
 
     def installer(self, name: str) -> tuple[str, ...] | None:
         return dict(self.installers).get(name)
@@ -167,7 +182,7 @@ def parse_config(data: Any) -> Config:
         edgecore_binary=p.path("edgecore_binary", Paths.edgecore_binary),
         edgecore_config=p.path("edgecore_config", Paths.edgecore_config),
         edgecore_db=p.path("edgecore_db", None),
-        backup_dir=p.path("backup_dir", Paths.backup_dir),
+        backup_dir=_backup_dir(p),
         keadm_lock=p.path("keadm_lock", Paths.keadm_lock),
         state_dir=p.path("state_dir", Paths.state_dir),
         run_dir=p.path("run_dir", Paths.run_dir),
@@ -177,6 +192,10 @@ def parse_config(data: Any) -> Config:
     s = top.section("service")
     manager = s.choice("manager", "systemd", ("systemd", "process"))
     unit = s.get("unit", str, "edgecore.service")
+    if not re.fullmatch(r"[A-Za-z0-9:_.@-]{1,240}\.service", unit):
+        raise ConfigError(f"service.unit: {unit!r} is not a unit name like edgecore.service")
+    unit_file = s.path("unit_file", None)
+    preserve_unit = s.get("preserve_unit", bool, True)
     s.done()
 
     pol = top.section("policy")
@@ -265,6 +284,8 @@ def parse_config(data: Any) -> Config:
         paths=paths,
         service_manager=manager,
         edgecore_unit=unit,
+        edgecore_unit_file=unit_file,
+        preserve_unit=preserve_unit,
         policy=policy,
         default_timeout_seconds=timeout,
         max_state_entries=max_entries,
@@ -305,6 +326,16 @@ def _mqtt(m: Section) -> Mqtt:
     )
     m.done()
     return mqtt
+
+
+def _backup_dir(section: Section) -> str | None:
+    value: str | None = section.path("backup_dir", None)
+    if value is not None and Path(value).is_relative_to("/etc/kubeedge/backup"):
+        raise ConfigError(
+            f"{section.key('backup_dir')}: {value} is keadm's own backup directory; keadm "
+            "overwrites it during an upgrade, so the agent's backups must live elsewhere "
+            "(default: <state_dir>/backups)")
+    return value
 
 
 def _optional_path(section: Section, name: str, default: str | None) -> str | None:

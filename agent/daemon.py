@@ -80,8 +80,9 @@ class Daemon:
         """
         try:
             accepted = self.intake_parser.parse(msg.payload, msg.source)
-            if accepted.command.dry_run and accepted.command.operation == Operation.ROLLBACK:
-                raise InvalidCommand("rollback has no dry run; use check or status")
+            op = accepted.command.operation
+            if accepted.command.dry_run and op in (Operation.ROLLBACK, Operation.RESOLVE):
+                raise InvalidCommand(f"{op.value} has no dry run; use check or status")
         except InvalidCommand as exc:
             self._reject(msg, exc.reason)
             return None
@@ -207,6 +208,7 @@ class Daemon:
             "online": True,
             "nodeName": self.node.config.node_name,
             "edgecoreVersion": str(detected.version) if detected else None,
+            "versionSource": detected.source if detected else None,
             "labels": dict(self.node.config.transport.mqtt.labels),
             "agentVersion": __version__,
             "currentJob": self.running,

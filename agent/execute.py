@@ -16,8 +16,8 @@ from agent.states import State
 
 async def rehearse(node: Node, cmd: Command) -> tuple[Job, Plan]:
     """Dry run: plan and verdict, journalled as a rehearsal (terminal at once)."""
-    if cmd.operation == Operation.ROLLBACK:
-        raise InvalidCommand("rollback has no dry run; use `check` or `status`")
+    if cmd.operation in (Operation.ROLLBACK, Operation.RESOLVE):
+        raise InvalidCommand(f"{cmd.operation.value} has no dry run; use `check` or `status`")
     plan = await make_plan(node, cmd)
     state = {GO: State.SUCCEEDED, NO_GO: State.FAILED}.get(plan.verdict, State.SKIPPED)
     job = Job(key=cmd.key, command=replace(cmd, dry_run=True), state=state,

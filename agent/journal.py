@@ -171,6 +171,26 @@ class Journal:
         jobs = [_row_to_job(r) for r in rows]
         return [j for j in jobs if not j.terminal] if active_only else jobs
 
+    def unresolved_rollback_failure(self) -> Job | None:
+        """The newest ``rollback_failed`` job, unless an operator has since cleared it
+        with a successful manual rollback or a ``resolve`` of it.
+
+        Derived from the jobs themselves, so a crash can never lose the block:
+        the final state that sets it and the one that clears it are each
+        committed with their report.
+        """
+        row = self.db.execute(
+            "SELECT * FROM jobs WHERE state='rollback_failed' "
+            "ORDER BY updated_at DESC, rowid DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        cleared = self.db.execute(
+            "SELECT 1 FROM jobs WHERE updated_at > ? AND ("
+            " (state='rolled_back' AND json_extract(command, '$.operation')='rollback') OR"
+            " (state='succeeded' AND json_extract(command, '$.operation')='resolve')) LIMIT 1",
+            (row["updated_at"],)).fetchone()
+        return None if cleared else _row_to_job(row)
+
     def add(self, job: Job, report: ReportFn) -> Job:
         """Insert a new job with its first report. Raises KeyError on a duplicate key."""
         job = replace(job, seq=1, entries=((job.state.value, 1),))

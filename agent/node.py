@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.adapters.docker_images import DockerImageBackend
-from agent.adapters.edgecore import EdgecoreProbe
+from agent.adapters.edgecore import SHA_KEY, EdgecoreProbe
 from agent.adapters.images import ImageBackend, LocalDirImageBackend
 from agent.adapters.service import ProcessManager, ServiceManager, SystemctlManager
 from agent.config import Config
@@ -31,11 +31,15 @@ class Node:
 
     @property
     def backup_root(self) -> Path:
-        return self.config.paths.node(self.config.paths.backup_dir)
+        return self.config.backup_root
 
     @property
     def keadm_marker(self) -> Path:
         return self.config.paths.node(self.config.paths.keadm_lock)
+
+    def remember_edgecore(self, sha256: str, version: str) -> None:
+        """Record which version an edgecore binary is, for detection by checksum."""
+        self.journal.set_meta(SHA_KEY + sha256, version)
 
     def staging_dir(self, version: str) -> Path:
         return self.state_dir / "staging" / version
@@ -50,17 +54,17 @@ class Node:
 
 def build_node(config: Config, images: ImageBackend | None = None) -> Node:
     journal = Journal(config.state_dir / "journal.db")
-    probe = EdgecoreProbe(config, lambda: journal.get_meta(RECORD_KEY))
     service: ServiceManager
     if config.service_manager == "systemd":
         service = SystemctlManager(config.edgecore_unit)
     else:
-        files = probe.files()
-        run = config.paths.node(config.paths.run_dir)
+        paths = config.paths
         service = ProcessManager(
-            files.binary, files.config, run / "edgecore.pid",
-            config.paths.node("/var/log/edgecore.log"),
+            paths.node(paths.edgecore_binary), paths.node(paths.edgecore_config),
+            paths.node(paths.run_dir) / "edgecore.pid", paths.node("/var/log/edgecore.log"),
         )
+    probe = EdgecoreProbe(config, service, lambda: journal.get_meta(RECORD_KEY),
+                          lambda sha: journal.get_meta(SHA_KEY + sha))
     if images is None:
         if config.images.backend == "docker":
             images = DockerImageBackend(config.images)

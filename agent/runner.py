@@ -9,6 +9,7 @@ a crash left behind.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import structlog
 
+from agent.adapters.edgecore import running_sha256
 from agent.adapters.keadm import InstallSpec, custom_argv, keadm_argv
 from agent.errors import AgentError, Busy, InstallError, InvalidCommand, PrecheckFailed
 from agent.faults import fault_point
@@ -31,8 +33,9 @@ from agent.states import NODE_TOUCHED, Action, State
 from agent.steps.backup import list_backups, make_backup, prune_backups
 from agent.steps.image import stage_image
 from agent.steps.install import kill_installers, log_tail, run_installer
-from agent.steps.precheck import run_prechecks
+from agent.steps.precheck import run_prechecks, unresolved_failure
 from agent.steps.rollback import roll_back
+from agent.steps.unit import keep_operator_unit
 from agent.steps.verify import health_gate
 from agent.versions import Version
 
@@ -173,6 +176,8 @@ class Runner:
         cmd = job.command
         if cmd.operation == Operation.PREPULL:
             return await self._prepull(job)
+        if cmd.operation == Operation.RESOLVE:
+            return self._resolve(job)
         try:
             # A keadm at work (ours or anyone's) rules out an upgrade and a rollback alike.
             marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds)
@@ -190,7 +195,10 @@ class Runner:
             self.node.keadm_marker.unlink(missing_ok=True)
         if cmd.operation == Operation.ROLLBACK:
             return await self._manual_rollback(job)
-        detected = await self.node.probe.detect()
+        if (blocked := unresolved_failure(self.node)) is not None:
+            return self.advance(job, State.FAILED, blocked, action=(Action.CHECK, False),
+                                notes={"refusal": "precheck"})
+        detected = await self.node.probe.detect(use_record=False)
         if detected is not None:
             job = replace(job, from_version=str(detected.version))
             if detected.version == cmd.target:
@@ -222,7 +230,8 @@ class Runner:
             return self.advance(job, State.FAILED, f"image: {exc.reason}",
                                 action=(Action.CHECK, False))
         job = self.advance(job, job.state, "image staged", action=(Action.CHECK, True),
-                           notes={"keadm": str(staged.keadm), "digest": staged.info.digest})
+                           notes={"keadm": str(staged.keadm), "digest": staged.info.digest,
+                                  "edgecore_sha256": staged.edgecore_sha256})
         return self.advance(job, State.IMAGE_READY, f"image {staged.info.digest} ready",
                             action=(Action.WAITING_CONFIRMATION, True))
 
@@ -250,15 +259,19 @@ class Runner:
     async def _image_ready(self, job: Job) -> Job:
         assert job.from_version is not None
         try:
-            manifest = make_backup(self.node.backup_root, job.from_version,
-                                   self.node.probe.files())
+            # In a thread: a multi-gigabyte database must not stall the loop and the watchdog.
+            manifest = await asyncio.to_thread(
+                make_backup, self.node.backup_root, job.from_version, self.node.probe.files())
         except AgentError as exc:
             return self.advance(job, State.FAILED, f"backup: {exc.reason}",
                                 action=(Action.BACKUP, False))
         except OSError as exc:
             return self.advance(job, State.FAILED, f"backup: {exc}", action=(Action.BACKUP, False))
-        removed = prune_backups(self.node.backup_root, self.node.config.keep_backups,
-                                protect=job.from_version)
+        if (binary := manifest.entry("edgecore")) is not None:
+            self.node.remember_edgecore(binary.digest.sha256, job.from_version)
+        removed = await asyncio.to_thread(
+            prune_backups, self.node.backup_root, self.node.config.keep_backups,
+            job.from_version)
         backup_dir = str(self.node.backup_root / job.from_version)
         return self.advance(job, State.BACKED_UP,
                             f"backed up {manifest.size} bytes to {backup_dir}"
@@ -297,18 +310,34 @@ class Runner:
             result = await run_installer(argv, log_path, job.command.timeout_seconds, env)
             if result.returncode != 0:
                 raise InstallError(f"installer exited with code {result.returncode}")
-            # keadm may swap the binary without restarting it (KubeEdge #4993).
-            await retry_transient("start edgecore", self.node.service.start)
+            unit = await keep_operator_unit(self.node, Path(job.note("backup") or ""))
+            await self._ensure_new_running(job)
         except AgentError as exc:
             return self.advance(job, State.ROLLING_BACK, f"install: {exc.reason}",
                                 action=(Action.UPGRADE, False), log_tail=_tail_of(log_path))
-        return self.advance(job, State.VERIFYING, "installer finished; checking health")
+        except OSError as exc:
+            return self.advance(job, State.ROLLING_BACK, f"install: {exc}",
+                                action=(Action.UPGRADE, False), log_tail=_tail_of(log_path))
+        why = "installer finished; checking health" + (f" ({unit})" if unit else "")
+        return self.advance(job, State.VERIFYING, why, notes={"unit": unit} if unit else None)
+
+    async def _ensure_new_running(self, job: Job) -> None:
+        """keadm may swap the binary without (re)starting edgecore (KubeEdge #4993)."""
+        service = self.node.service
+        status = await service.status()
+        if not status.active:
+            await retry_transient("start edgecore", service.start)
+            return
+        expected = job.note("edgecore_sha256")
+        running = await asyncio.to_thread(running_sha256, status.main_pid)
+        if expected and running != expected:
+            log.warning("edgecore still runs the old binary after the installer; restarting",
+                        job=job.key, pid=status.main_pid)
+            await retry_transient("restart edgecore", service.restart)
 
     async def _verifying(self, job: Job) -> Job:
-        cfg = self.node.config
         try:
-            detail = await health_gate(self.node.service, self.node.probe, job.command.target,
-                                       cfg.health)
+            detail = await health_gate(self.node, job.command.target, job.note("edgecore_sha256"))
         except AgentError as exc:
             return self.advance(job, State.ROLLING_BACK, f"health: {exc.reason}",
                                 action=(Action.UPGRADE, False))
@@ -360,6 +389,13 @@ class Runner:
                             f"{staged.info.digest}) in {time.monotonic() - started:.1f}s",
                             notes={"image_size": str(staged.info.size)})
 
+    def _resolve(self, job: Job) -> Job:
+        """``resolve JOB``: the operator says the node a failed rollback left is repaired."""
+        key = job.command.resolves
+        state, reason = _resolve_reason(self.node.journal.unresolved_rollback_failure(), key)
+        return self.advance(job, state, reason,
+                            notes={"refusal": "precheck"} if state == State.FAILED else None)
+
     async def _manual_rollback(self, job: Job) -> Job:
         """``rollback [--to-version V]``: restore a backup (the newest by default)."""
         root = self.node.backup_root
@@ -369,13 +405,22 @@ class Runner:
             what = f"no backup of {target}" if target else "no backups"
             return self.advance(job, State.FAILED, f"{what} in {root}",
                                 notes={"refusal": "precheck"})
-        detected = await self.node.probe.detect()
+        detected = await self.node.probe.detect(use_record=False)
         current = str(detected.version) if detected else None
         job = replace(job, from_version=current)
         return self.advance(job, State.ROLLING_BACK,
                             f"manual rollback from {current or 'unknown'} to {target}",
                             notes={"backup": str(root / str(target)),
                                    "restore_version": str(target)})
+
+
+def _resolve_reason(blocking: Job | None, key: str) -> tuple[State, str]:
+    if blocking is None:
+        return State.FAILED, f"nothing to resolve: no unresolved rollback failure ({key} given)"
+    if blocking.key != key:
+        return State.FAILED, (f"{key} is not the unresolved rollback failure; "
+                              f"{blocking.key} is")
+    return State.SUCCEEDED, f"operator resolved the rollback failure of {key}; upgrades allowed"
 
 
 def _tail_of(path: Path) -> str:

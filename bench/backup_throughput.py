@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = work / "src"
         src.mkdir()
-        files = EdgecoreFiles(src / "edgecore", src / "edgecore.yaml", src / "edgecore.db")
+        files = EdgecoreFiles(src / "edgecore", src / "edgecore.yaml", src / "edgecore.db",
+                              src / "edgecore.service", src / "edgecore.service.d")
         size = args.size_mib * MIB
         log(f"creating {args.size_mib} MiB binary and database in {src} ...")
         write_random(files.binary, size)

@@ -5,9 +5,10 @@
 #
 # Stops and disables the service, removes its unit file and <prefix>/venv.
 # --purge also removes /etc/edge-upgrade-agent (configuration, TLS files,
-# credentials) and /var/lib/edge-upgrade-agent (journal, logs, staging).
-# Never touched: edgecore and /etc/kubeedge, including the backups under
-# /etc/kubeedge/backup (keadm's own layout: `keadm rollback edge` can use them).
+# credentials) and /var/lib/edge-upgrade-agent (journal, logs, staging) except
+# its backups/ of edgecore: a node's only copy of its previous edgecore,
+# config, database and unit is not the agent's to throw away.
+# Never touched: edgecore and /etc/kubeedge.
 # --root DIR: every system path under DIR, systemd left alone (tests).
 # Exit status: 0 removed (or nothing to remove); 1 failed; 2 bad usage.
 set -euo pipefail
@@ -80,7 +81,15 @@ rmdir -- "$R$prefix" 2>/dev/null || true
 
 if [ -n "$purge" ]; then
     removed "$R/etc/edge-upgrade-agent" "configuration"
-    removed "$R/var/lib/edge-upgrade-agent" "state"
+    state="$R/var/lib/edge-upgrade-agent"
+    if [ -d "$state/backups" ]; then
+        for entry in "$state"/* "$state"/.[!.]*; do
+            [ "$entry" = "$state/backups" ] || removed "$entry" "state"
+        done
+        say "kept the edgecore backups in $state/backups"
+    else
+        removed "$state" "state"
+    fi
 else
     [ ! -d "$R/etc/edge-upgrade-agent" ] \
         || say "kept $R/etc/edge-upgrade-agent and $R/var/lib/edge-upgrade-agent (--purge removes them)"

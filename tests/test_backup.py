@@ -91,8 +91,10 @@ def node(tmp_path: Path) -> EdgecoreFiles:
         binary=root / "usr/local/bin/edgecore",
         config=root / "etc/kubeedge/config/edgecore.yaml",
         db=root / "var/lib/kubeedge/edgecore.db",
+        unit=root / "etc/systemd/system/edgecore.service",
+        dropins=root / "etc/systemd/system/edgecore.service.d",
     )
-    for path in files.all():
+    for path in files.all()[:3]:
         path.parent.mkdir(parents=True, exist_ok=True)
     files.binary.write_bytes(BINARY)
     files.binary.chmod(0o755)
@@ -105,7 +107,7 @@ def node(tmp_path: Path) -> EdgecoreFiles:
 
 @pytest.fixture
 def backup_root(tmp_path: Path) -> Path:
-    return tmp_path / "node/etc/kubeedge/backup"
+    return tmp_path / "node/var/lib/edge-upgrade-agent/backups"
 
 
 # --------------------------------------------------------------------------- make_backup
@@ -265,7 +267,7 @@ def test_make_backup_db_path_with_uri_characters(tmp_path: Path, node: EdgecoreF
     odd.mkdir()
     db = odd / "edgecore.db"
     create_db(db)
-    files = EdgecoreFiles(node.binary, node.config, db)
+    files = EdgecoreFiles(node.binary, node.config, db, node.unit, node.dropins)
     make_backup(tmp_path / "backup", OLD, files)
     # today SQLite cuts the URI at '#', opens (and creates) an empty "<tmp>/odd" DB and
     # backs that up: the backup "succeeds" without a single row
@@ -538,3 +540,22 @@ def test_atomic_install_failure_leaves_destination(tmp_path: Path) -> None:
         atomic_install(tmp_path / "missing", dst)
     assert dst.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edgecore"]
+
+
+def test_unit_file_and_dropins_are_backed_up_and_restored(
+        node: EdgecoreFiles, backup_root: Path) -> None:
+    node.unit.parent.mkdir(parents=True, exist_ok=True)
+    node.unit.write_text("[Service]\nExecStart=/usr/local/bin/edgecore\nEnvironment=X=1\n")
+    node.dropins.mkdir()
+    (node.dropins / "limits.conf").write_text("[Service]\nMemoryMax=1G\n")
+    manifest = make_backup(backup_root, OLD, node)
+    assert {e.name for e in manifest.entries} >= {
+        "edgecore.service", "edgecore.service.d/limits.conf"}
+    # keadm deletes the operator's unit and writes its own; the drop-in is edited too.
+    node.unit.write_text("[Service]\nExecStart=/usr/local/bin/edgecore --config x\n")
+    (node.dropins / "limits.conf").unlink()
+    assert restore_backup(backup_root / OLD, verify_backup(backup_root / OLD)) is True
+    assert "Environment=X=1" in node.unit.read_text()
+    assert (node.dropins / "limits.conf").read_text() == "[Service]\nMemoryMax=1G\n"
+    # Nothing of the unit differs any more: a second restore does not ask for a reload.
+    assert restore_backup(backup_root / OLD, verify_backup(backup_root / OLD)) is False

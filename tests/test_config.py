@@ -44,7 +44,8 @@ def test_defaults() -> None:
     assert config.paths.edgecore_binary == "/usr/local/bin/edgecore"
     assert config.paths.edgecore_config == "/etc/kubeedge/config/edgecore.yaml"
     assert config.paths.edgecore_db is None
-    assert config.paths.backup_dir == "/etc/kubeedge/backup"
+    assert config.paths.backup_dir is None
+    assert config.backup_root == Path("/var/lib/edge-upgrade-agent/backups")
     assert config.paths.keadm_lock == "/etc/kubeedge/idempotency_record"
     assert config.service_manager == "systemd"
     assert config.edgecore_unit == "edgecore.service"

@@ -25,7 +25,7 @@ OLD, NEW = "v1.12.1", "v1.13.0"
 
 
 def assert_consistent(box: Sandbox, state: str) -> None:
-    backup = box.root / "etc/kubeedge/backup" / OLD
+    backup = box.state_dir / "backups" / OLD
     if state == "succeeded":
         assert box.running_version() == NEW
     else:
@@ -34,7 +34,7 @@ def assert_consistent(box: Sandbox, state: str) -> None:
         assert box.db.read_bytes() == (backup / "edgecore.db").read_bytes()
         assert box.binary.read_bytes() == (backup / "edgecore").read_bytes()
     assert box.edgecore_running()
-    leftovers = list(box.root.glob("etc/kubeedge/backup/*.partial"))
+    leftovers = list((box.state_dir / "backups").glob("*.partial"))
     assert leftovers == []
     assert not (box.root / "etc/kubeedge/idempotency_record").exists()
 

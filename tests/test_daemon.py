@@ -158,7 +158,7 @@ def test_remote_dry_run_is_a_rehearsal(daemon: Daemon, sandbox: Sandbox) -> None
         (report,) = daemon.final(key)
         assert report["rehearsal"] is True and report["plan"]["verdict"] == "GO"
     assert (sandbox.binary.read_bytes(), sandbox.db.read_bytes()) == before
-    assert not (sandbox.root / "etc/kubeedge/backup").exists()
+    assert not (sandbox.state_dir / "backups").exists()
 
 
 def test_require_confirmation_parks_until_confirm(daemon: Daemon, sandbox: Sandbox) -> None:

@@ -235,16 +235,18 @@ def test_offline_install_is_idempotent_and_uninstalls(tmp_path: Path, wheelhouse
     state = root / "var/lib/edge-upgrade-agent"
     state.mkdir(parents=True)
     (state / "journal.db").write_bytes(b"x")
-    backup = root / "etc/kubeedge/backup/v1.12.1"
+    backup = state / "backups/v1.12.1"
     backup.mkdir(parents=True)
+    kubeedge = root / "etc/kubeedge/backup/v1.12.1"
+    kubeedge.mkdir(parents=True)
     r = run([SCRIPTS / "uninstall.sh", "--root", root], timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not unit.exists() and not (root / "opt/edge-upgrade-agent").exists()
     assert conf.read_bytes() == before and (state / "journal.db").exists()
     r = run([SCRIPTS / "uninstall.sh", "--root", root, "--purge"], timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert not (root / "etc/edge-upgrade-agent").exists() and not state.exists()
-    assert backup.is_dir()
+    assert not (root / "etc/edge-upgrade-agent").exists()
+    assert not (state / "journal.db").exists() and backup.is_dir() and kubeedge.is_dir()
     # Nothing left to remove is not an error.
     assert run([SCRIPTS / "uninstall.sh", "--root", root, "--purge"], timeout=30).returncode == 0
 

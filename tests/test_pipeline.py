@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import os
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from standins import make_node, start_edgecore, stop_edgecore
 
 
 def backup_db(box: Sandbox, version: str = "v1.12.1") -> bytes:
-    return (box.root / "etc/kubeedge/backup" / version / "edgecore.db").read_bytes()
+    return (box.state_dir / "backups" / version / "edgecore.db").read_bytes()
 
 
 def installer_argv(box: Sandbox, job_key: str) -> str:
@@ -28,7 +29,7 @@ def test_successful_upgrade(sandbox: Sandbox) -> None:
     job = out["job"]
     assert (rc, job["state"]) == (0, "succeeded"), job
     assert sandbox.running_version() == "v1.13.0" and sandbox.edgecore_running()
-    backup = sandbox.root / "etc/kubeedge/backup/v1.12.1"
+    backup = sandbox.state_dir / "backups/v1.12.1"
     assert sorted(p.name for p in backup.iterdir()) == [
         "edgecore", "edgecore.db", "edgecore.yaml", "manifest.json"]
     assert [a["action"] for a in job["actionFlow"]] == [
@@ -46,7 +47,7 @@ def test_successful_upgrade(sandbox: Sandbox) -> None:
 
 
 @pytest.mark.parametrize(("version", "expected"), [
-    ("v1.17.2", "upgrade edge --upgradeID"),
+    ("v1.17.2", "--image kubeedge/installation-package:v1.17.2 --disable-backup"),
     ("v1.21.0", "upgrade edge --force --toVersion v1.21.0 --image kubeedge/installation-package"),
 ])
 def test_keadm_argv_follows_target_era(sandbox: Sandbox, version: str, expected: str) -> None:
@@ -62,7 +63,7 @@ def test_skip_when_already_at_target(sandbox: Sandbox) -> None:
     rc, out = sandbox.upgrade("v1.12.1")
     assert (rc, out["job"]["state"]) == (0, "skipped")
     assert sandbox.final_reports()[0]["result"] == "upgrade_success"
-    assert not (sandbox.root / "etc/kubeedge/backup").exists()
+    assert not (sandbox.state_dir / "backups").exists()
 
 
 @pytest.mark.parametrize(("setup", "args", "needle"), [
@@ -93,7 +94,7 @@ def test_precheck_failures_leave_node_untouched(sandbox: Sandbox, setup: str, ar
     rc, out = sandbox.upgrade(args[0], *args[1:])
     assert (rc, out["job"]["state"]) == (4 if setup == "marker" else 5, "failed"), out
     assert needle in out["job"]["reason"]
-    assert not (sandbox.root / "etc/kubeedge/backup").exists()
+    assert not (sandbox.state_dir / "backups").exists()
     assert sandbox.db.read_bytes() == before
     assert sandbox.final_reports()[0]["result"] == "upgrade_failed_rollback_success"
 
@@ -180,7 +181,7 @@ def test_keadm_that_forgets_to_restart_is_covered(sandbox: Sandbox) -> None:
 def test_corrupted_backup_is_detected_before_restore(sandbox: Sandbox) -> None:
     rc, _ = sandbox.upgrade("v1.13.0")
     assert rc == 0
-    db = sandbox.root / "etc/kubeedge/backup/v1.12.1/edgecore.db"
+    db = sandbox.state_dir / "backups/v1.12.1/edgecore.db"
     data = bytearray(db.read_bytes())
     data[5000] ^= 0xFF
     db.write_bytes(bytes(data))
@@ -256,22 +257,34 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("source", ["binary", "config", "metaserver", "record"])
+@pytest.mark.parametrize("source",
+                         ["log", "config", "metaserver", "package", "binary", "record"])
 def test_version_detection_sources(tmp_path: Path, sandbox: Sandbox, source: str) -> None:
+    """Each source answers when those before it cannot; none runs edgecore."""
     stop_edgecore(sandbox.root)
     port = _free_port()
-    make_node(sandbox.root, "v1.12.1", version_flag=source == "binary",
-              config_version_field=source == "config",
+    make_node(sandbox.root, "v1.12.1", config_version_field=source == "config",
               metaserver_port=port if source == "metaserver" else None)
-    start_edgecore(sandbox.root)
+    log = sandbox.root / "var/log/edgecore.log"
+    log.unlink(missing_ok=True)
+    if source in ("log", "metaserver"):
+        start_edgecore(sandbox.root)
+        wait_for(lambda: log.exists() and "Version:" in log.read_text())
     if source == "metaserver":
+        log.write_text("")  # the start line is gone (journal rotated): MetaServer answers
         sandbox.configure(health={"metaserver_url": f"http://127.0.0.1:{port}"})
         wait_for(lambda: _port_open(port))
-    if source == "record":
-        sandbox.cli("status")
-        import sqlite3
-        with sqlite3.connect(sandbox.state_dir / "journal.db") as db:
+    sandbox.cli("status")  # creates the journal
+    with sqlite3.connect(sandbox.state_dir / "journal.db") as db:
+        if source == "package":
+            sha = hashlib.sha256(sandbox.binary.read_bytes()).hexdigest()
+            db.execute("INSERT INTO meta(k, v) VALUES(?, 'v1.12.1')",
+                       (f"edgecore_sha256:{sha}",))
+        if source == "record":
             db.execute("INSERT INTO meta(k, v) VALUES('edgecore_version', 'v1.12.1')")
+    if source == "record":
+        # A binary with no single version literal (not a release build).
+        sandbox.binary.write_bytes(b"\0v1.1.1\0v2.2.2\0")
     _rc, out = sandbox.cli_json("status")
     assert (out["edgecoreVersion"], out["versionSource"]) == ("v1.12.1", source)
 

@@ -34,7 +34,7 @@ def test_keadm_argv_per_era() -> None:
         "--image", "reg.local:5000/kubeedge/installation-package:v1.13.0"]
     b = keadm_argv(spec("v1.18.0"))
     assert b[1:3] == ["upgrade", "edge"] and b[-1] == "--disable-backup"
-    assert b[b.index("--image") + 1] == "reg.local:5000/kubeedge/installation-package"
+    assert b[b.index("--image") + 1] == "reg.local:5000/kubeedge/installation-package:v1.18.0"
     digest = "sha256:" + "a" * 64
     assert keadm_argv(spec("v1.22.0", digest)) == [
         "/s/keadm", "upgrade", "edge", "--force", "--toVersion", "v1.22.0",

@@ -1,18 +1,27 @@
-"""Facts about the installed edgecore: its files and its version.
+"""Facts about the installed edgecore: its files, its version, the binary it runs.
 
-Version detection tries, in order: ``edgecore --version``, the
-``edgecoreVersion`` field of edgecore.yaml, the node's ``kubeletVersion``
-suffix from MetaServer, and the agent's own record. Real v1.12 edgecore has
-no ``--version`` flag and only v1.21+ writes ``edgecoreVersion``, so each
-fallback is load-bearing somewhere in the fleet.
+edgecore is never executed to learn anything. No KubeEdge release has a
+version flag: ``edgecore --version`` is ignored and edgecore *starts*, a
+second one beside the running one with the same node identity and database
+(../shared/kubeedge/README.md). Detection asks, in order:
+
+``journal``/``log``  the ``Version:`` line the running MainPID logged at start
+``config``           ``edgecoreVersion`` in edgecore.yaml (written by v1.21+)
+``metaserver``       the node's ``kubeletVersion`` suffix
+``package``          the binary's sha256, matched against every edgecore the
+                     agent has taken out of a package (recorded when staged)
+``binary``           the one ``vX.Y.Z`` literal embedded in the binary (set by
+                     ``-X …version.gitVersion``; bounded by non-printable bytes)
+``record``           the agent's own record: last, and never a backup label
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import mmap
+import os
 import re
-import subprocess
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,18 +30,27 @@ from typing import Any
 
 import yaml
 
+from agent.adapters.files import sha256_file
+from agent.adapters.service import ServiceManager
 from agent.config import Config
 from agent.errors import InvalidCommand
 from agent.versions import Version, version_from_kubelet
 
-_VERSION_IN_TEXT = re.compile(r"\bv\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?\b")
 DEFAULT_DB = "/var/lib/kubeedge/edgecore.db"
+# A version string with a non-printable byte (or nothing) on each side: what
+# `strings` would print as a line of its own. Real builds hold exactly one.
+# Found as plain matches whose neighbours are then checked: a lookbehind on
+# every byte of a 70 MB binary takes 40 times as long.
+_VERSION_BYTES = re.compile(rb"v\d+\.\d+\.\d+")
+_PRINTABLE = frozenset(range(0x20, 0x7F)) | {0x09}
+SHA_KEY = "edgecore_sha256:"  # journal meta: sha256 of a package's edgecore -> version
+TRUSTED_SOURCES = ("journal", "log", "config", "metaserver", "package", "binary")
 
 
 @dataclass(frozen=True)
 class Detected:
     version: Version
-    source: str  # "binary" | "config" | "metaserver" | "record"
+    source: str  # one of TRUSTED_SOURCES, or "record"
 
 
 @dataclass(frozen=True)
@@ -40,9 +58,11 @@ class EdgecoreFiles:
     binary: Path
     config: Path
     db: Path
+    unit: Path  # the unit file keadm rewrites; absent under the process manager
+    dropins: Path  # <unit>.d/, the operator's drop-ins
 
     def all(self) -> list[Path]:
-        return [self.binary, self.config, self.db]
+        return [self.binary, self.config, self.db, self.unit]
 
 
 def _find_key(data: Any, names: tuple[str, ...]) -> Any:
@@ -56,10 +76,46 @@ def _find_key(data: Any, names: tuple[str, ...]) -> Any:
     return None
 
 
+class _StatCache:
+    """Per-file results keyed by (dev, inode, size, mtime): hashing a 100 MB
+    binary once per presence update would be wasted work."""
+
+    def __init__(self) -> None:
+        self._data: dict[tuple[str, str], tuple[tuple[int, int, int, int], Any]] = {}
+
+    def get(self, kind: str, path: Path, compute: Callable[[Path], Any]) -> Any:
+        st = path.stat()
+        sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = self._data.get((kind, str(path)))
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        value = compute(path)
+        self._data[(kind, str(path))] = (sig, value)
+        return value
+
+
+def embedded_versions(path: Path) -> list[str]:
+    """Every bare ``vX.Y.Z`` literal in a file (a real edgecore has one: its own)."""
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return []
+        # mmap: the regex walks the page cache, never a 100 MB copy in memory.
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            end = len(data)
+            return [m[0].decode() for m in _VERSION_BYTES.finditer(data)
+                    if (m.start() == 0 or data[m.start() - 1] not in _PRINTABLE)
+                    and (m.end() == end or data[m.end()] not in _PRINTABLE)]
+
+
 class EdgecoreProbe:
-    def __init__(self, config: Config, record: Callable[[], str | None] = lambda: None) -> None:
+    def __init__(self, config: Config, service: ServiceManager,
+                 record: Callable[[], str | None] = lambda: None,
+                 known_sha: Callable[[str], str | None] = lambda sha: None) -> None:
         self.config = config
+        self.service = service
         self.record = record
+        self.known_sha = known_sha
+        self._cache = _StatCache()
 
     def files(self) -> EdgecoreFiles:
         paths = self.config.paths
@@ -72,7 +128,9 @@ class EdgecoreProbe:
         # dataSource in a sandboxed edgecore.yaml may already point inside the root.
         if not db_path.is_relative_to(paths.root) or paths.root == Path("/"):
             db_path = paths.node(db)
-        return EdgecoreFiles(paths.node(paths.edgecore_binary), config_path, db_path)
+        unit = paths.node(self.config.unit_file)
+        return EdgecoreFiles(paths.node(paths.edgecore_binary), config_path, db_path, unit,
+                             unit.with_name(unit.name + ".d"))
 
     @staticmethod
     def _read_yaml(path: Path) -> dict[str, Any]:
@@ -82,25 +140,14 @@ class EdgecoreProbe:
             return {}
         return data if isinstance(data, dict) else {}
 
-    async def from_binary(self, binary: Path | None = None) -> Version | None:
-        binary = binary or self.files().binary
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                str(binary), "--version",
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            )
-        except OSError:
+    # -- the sources, in order ------------------------------------------------
+
+    async def from_start_log(self) -> Version | None:
+        status = await self.service.status()
+        if not status.active:
             return None
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 10)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return None
-        if proc.returncode != 0:
-            return None
-        m = _VERSION_IN_TEXT.search(out.decode(errors="replace"))
-        return _parse(m[0]) if m else None
+        text = await self.service.logged_version(status)
+        return _parse(text) if text else None
 
     def from_config(self) -> Version | None:
         names = ("edgecoreVersion", "edgeCoreVersion")
@@ -126,16 +173,80 @@ class EdgecoreProbe:
         kubelet = _find_key(node, ("kubeletVersion",))
         return version_from_kubelet(kubelet) if isinstance(kubelet, str) else None
 
+    async def binary_sha256(self, path: Path | None = None) -> str | None:
+        path = path or self.files().binary
+        try:
+            return await asyncio.to_thread(
+                self._cache.get, "sha256", path, lambda p: sha256_file(p).sha256)
+        except OSError:
+            return None
+
+    async def from_package(self) -> Version | None:
+        sha = await self.binary_sha256()
+        text = self.known_sha(sha) if sha else None
+        return _parse(text) if text else None
+
+    async def from_binary(self) -> Version | None:
+        try:
+            found = await asyncio.to_thread(
+                self._cache.get, "literal", self.files().binary, embedded_versions)
+        except OSError:
+            return None
+        return _parse(found[0]) if len(set(found)) == 1 else None
+
     async def detect(self, *, use_record: bool = True) -> Detected | None:
-        if (v := await self.from_binary()) is not None:
-            return Detected(v, "binary")
+        if (v := await self.from_start_log()) is not None:
+            return Detected(v, self.service.log_name)
         if (v := self.from_config()) is not None:
             return Detected(v, "config")
         if (v := await self.from_metaserver()) is not None:
             return Detected(v, "metaserver")
+        if (v := await self.from_package()) is not None:
+            return Detected(v, "package")
+        if (v := await self.from_binary()) is not None:
+            return Detected(v, "binary")
         if use_record and (text := self.record()) and (v := _parse(text)) is not None:
             return Detected(v, "record")
         return None
+
+
+def running_sha256(pid: int) -> str | None:
+    """sha256 of the program ``pid`` is running: ``/proc/<pid>/exe``.
+
+    The kernel keeps the executed inode, so a binary replaced on disk without
+    a restart still hashes as the old one, which is the point. A ``#!`` script
+    (test stand-ins are) runs an interpreter: there the script named in
+    argv[1] counts, and only if it has not changed since the process started.
+    """
+    proc = Path(f"/proc/{pid}")
+    try:
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        script = Path(os.fsdecode(argv[1])) if len(argv) > 1 and argv[1][:1] == b"/" else None
+        if script is None or not _is_script(script):
+            return sha256_file(proc / "exe").sha256
+        # The start time is known to a second (btime), hence the margin.
+        if script.stat().st_ctime > _started_at(pid) + 1.0:
+            return None  # replaced after start: the process runs something older
+        return sha256_file(script).sha256
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _is_script(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
+
+
+def _started_at(pid: int) -> float:
+    """Wall-clock start of ``pid`` (field 22 of /proc/<pid>/stat, in ticks since boot)."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(stat[19])
+    btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                 if line.startswith("btime "))
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _parse(text: str) -> Version | None:

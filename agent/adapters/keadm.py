@@ -50,11 +50,13 @@ def keadm_argv(spec: InstallSpec) -> list[str]:
             ]
         case "B":
             # We back up ourselves, so keadm's second backup (KubeEdge #6211) is off.
+            # keadm v1.19/v1.20 pulls --image exactly as given (no tag added), so
+            # the reference carries the version, as KubeEdge's own edge code passes it.
             return [
                 str(spec.keadm), "upgrade", "edge",
                 "--upgradeID", spec.upgrade_id, "--historyID", history,
                 "--fromVersion", str(spec.from_version), "--toVersion", to,
-                "--config", cfg, "--image", spec.image.repo, "--disable-backup",
+                "--config", cfg, "--image", str(spec.image.with_tag(to)), "--disable-backup",
             ]
         case _:
             argv = [

@@ -4,12 +4,20 @@ The health gate needs three facts: is the unit active, how often has it been
 restarted, and which pid runs it. systemd gives all three; the process
 manager derives them from a pidfile so that it survives an agent crash the
 way a systemd unit does.
+
+Each manager also answers "which version did the running edgecore log at
+start?". No KubeEdge release has a version flag (``edgecore --version``
+starts a second edgecore), but every release logs ``Version: vX.Y.Z`` as its
+first klog line. Under systemd that line is in the journal of the unit's
+current invocation, written by MainPID; for the process manager it is in the
+log file the child's stderr goes to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -18,6 +26,23 @@ from typing import Protocol
 
 from agent.errors import TransientError
 
+# klog's header: severity, MMDD, time, pid (right-aligned), file:line], message.
+# e.g. "I1130 15:06:04.800382   30539 server.go:103] Version: v1.13.0"
+VERSION_LINE = re.compile(
+    r"^[IWEF]\d{4} [\d:.]+\s+(?P<pid>\d+) [^\]]*\] Version: (?P<version>v\S+)\s*$")
+# Only the start of an invocation is read: the line is edgecore's first.
+START_LINES = 200
+
+
+def version_in_log(lines: list[str], pid: int) -> str | None:
+    """The version that process ``pid`` logged at start, if these lines have it."""
+    found = None
+    for line in lines:
+        m = VERSION_LINE.match(line)
+        if m and int(m["pid"]) == pid:
+            found = m["version"]
+    return found
+
 
 @dataclass(frozen=True)
 class ServiceStatus:
@@ -25,36 +50,52 @@ class ServiceStatus:
     state: str  # systemd ActiveState: active, inactive, failed, activating …
     n_restarts: int
     main_pid: int
+    invocation: str = ""  # systemd's InvocationID: one per start of the unit
 
 
 class ServiceManager(Protocol):
+    log_name: str
+
     async def status(self) -> ServiceStatus: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+    async def restart(self) -> None: ...
+    async def reload_units(self) -> None:
+        """Make the manager re-read unit files (``daemon-reload``) after we changed one."""
+
+    async def logged_version(self, status: ServiceStatus) -> str | None:
+        """The ``Version:`` line MainPID of this invocation logged at start, if any."""
 
 
 def parse_show(text: str) -> ServiceStatus:
-    """Parse ``systemctl show -p ActiveState,NRestarts,MainPID`` output."""
+    """Parse ``systemctl show -p ActiveState,NRestarts,MainPID,InvocationID`` output."""
     props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     state = props.get("ActiveState", "unknown")
     restarts = props.get("NRestarts", "0")
     pid = props.get("MainPID", "0")
+    invocation = props.get("InvocationID", "")
     return ServiceStatus(
         active=state == "active",
         state=state,
         n_restarts=int(restarts) if restarts.isdigit() else 0,
         main_pid=int(pid) if pid.isdigit() else 0,
+        invocation=invocation if re.fullmatch(r"[0-9a-f]{32}", invocation) else "",
     )
 
 
 class SystemctlManager:
-    def __init__(self, unit: str, systemctl: str = "systemctl") -> None:
+    log_name = "journal"  # where logged_version looks: named in reports
+
+    def __init__(self, unit: str, systemctl: str = "systemctl",
+                 journalctl: str = "journalctl") -> None:
         self.unit = unit
         self.systemctl = systemctl
+        self.journalctl = journalctl
 
-    async def _run(self, *args: str, timeout: float = 90) -> str:
+    async def _run(self, *args: str, timeout: float = 90, unit: bool = True) -> str:
+        what = f"{args[0]} {self.unit}" if unit else args[0]
         proc = await asyncio.create_subprocess_exec(
-            self.systemctl, *args, self.unit,
+            self.systemctl, *args, *([self.unit] if unit else []),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         try:
@@ -62,20 +103,63 @@ class SystemctlManager:
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
-            raise TransientError(f"systemctl {args[0]} {self.unit} timed out") from None
+            raise TransientError(f"systemctl {what} timed out") from None
         if proc.returncode != 0 and args[0] != "show":
             msg = err.decode(errors="replace").strip()[:300]
-            raise TransientError(f"systemctl {args[0]} {self.unit} failed: {msg}")
+            raise TransientError(f"systemctl {what} failed: {msg}")
         return out.decode(errors="replace")
 
     async def status(self) -> ServiceStatus:
-        return parse_show(await self._run("show", "-p", "ActiveState,NRestarts,MainPID"))
+        return parse_show(
+            await self._run("show", "-p", "ActiveState,NRestarts,MainPID,InvocationID"))
 
     async def start(self) -> None:
         await self._run("start")
 
     async def stop(self) -> None:
         await self._run("stop")
+
+    async def restart(self) -> None:
+        await self._run("restart")
+
+    async def reload_units(self) -> None:
+        await self._run("daemon-reload", unit=False)
+
+    async def logged_version(self, status: ServiceStatus) -> str | None:
+        if status.main_pid <= 0:
+            return None
+        # The invocation pins this start of the unit; _PID pins MainPID in it.
+        match = (f"_SYSTEMD_INVOCATION_ID={status.invocation}" if status.invocation
+                 else f"_SYSTEMD_UNIT={self.unit}")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.journalctl, "--no-pager", "--quiet", "-o", "cat", match,
+                f"_PID={status.main_pid}",
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError:
+            return None  # no journalctl on this host: other sources answer
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        lines: list[str] = []
+
+        async def read() -> None:
+            while len(lines) < START_LINES:
+                raw = await stdout.readline()
+                if not raw:
+                    return
+                lines.append(raw.decode(errors="replace").rstrip("\n"))
+                if version_in_log(lines[-1:], status.main_pid):
+                    return
+
+        try:
+            await asyncio.wait_for(read(), 10)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        return version_in_log(lines, status.main_pid)
 
 
 def pid_alive(pid: int) -> bool:
@@ -93,6 +177,8 @@ class ProcessManager:
     convention (``<run_dir>/edgecore.pid``) with the keadm stand-in, as the
     real keadm shares the unit name with systemd.
     """
+
+    log_name = "log"
 
     def __init__(self, binary: Path, config: Path, pidfile: Path, log: Path) -> None:
         self.binary = binary
@@ -134,6 +220,26 @@ class ProcessManager:
         tmp = self.pidfile.with_suffix(".tmp")
         tmp.write_text(f"{child.pid}\n")
         os.replace(tmp, self.pidfile)
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def reload_units(self) -> None:
+        """No unit files here: the process manager reads nothing to reload."""
+
+    async def logged_version(self, status: ServiceStatus) -> str | None:
+        if status.main_pid <= 0:
+            return None
+        return await asyncio.to_thread(self._logged_version, status.main_pid)
+
+    def _logged_version(self, pid: int) -> str | None:
+        try:
+            with self.log.open("rb") as f:
+                lines = [raw.decode(errors="replace").rstrip("\n") for raw in f]
+        except OSError:
+            return None
+        return version_in_log(lines, pid)
 
     async def stop(self) -> None:
         pid = self._pid()

@@ -29,6 +29,11 @@ class Operation(str, Enum):
     CONFIRM = "confirm"  # releases a job parked for requireConfirmation
     CANCEL = "cancel"  # stops a job before it installs; refused after that
     PREPULL = "prepull"  # fetch and verify the package ahead of a maintenance window
+    RESOLVE = "resolve"  # an operator declares a rollback_failed node repaired
+
+
+# A job key: a job name, optionally "/<historyID>".
+JOB_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}(/[A-Za-z0-9][A-Za-z0-9-]{0,63})?$")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Command:
     dry_run: bool = False
     source: str = "cli"
     issued_at: float = field(default_factory=time.time)
+    resolves: str = ""  # RESOLVE: the key of the rollback_failed job it clears
 
     @property
     def key(self) -> str:
@@ -86,6 +92,7 @@ class Command:
             dry_run=bool(d["dry_run"]),
             source=d["source"],
             issued_at=float(d["issued_at"]),
+            resolves=d.get("resolves", ""),
         )
 
 
@@ -109,6 +116,7 @@ def build_command(
     history_id: str = "",
     dry_run: bool = False,
     source: str = "cli",
+    resolves: str = "",
 ) -> Command:
     """Validate every field; the one way a Command gets built from outside input."""
     check_name("job name", job_name)
@@ -146,6 +154,11 @@ def build_command(
         raise InvalidCommand(f"unknown upgradeTool {upgrade_tool!r}: not in the installers config")
     if history_id and not HISTORY_ID_RE.fullmatch(history_id):
         raise InvalidCommand(f"bad historyID {history_id!r}")
+    if operation == Operation.RESOLVE:
+        if not isinstance(resolves, str) or not JOB_KEY_RE.fullmatch(resolves):
+            raise InvalidCommand(f"resolve needs the key of the failed job, got {resolves!r}")
+    elif resolves:
+        raise InvalidCommand("resolveJob only goes with operation resolve")
     return Command(
         operation=operation,
         job_name=job_name,
@@ -160,6 +173,7 @@ def build_command(
         history_id=history_id,
         dry_run=dry_run,
         source=source,
+        resolves=resolves,
     )
 
 
@@ -177,6 +191,7 @@ _ENVELOPE_KEYS = {
     "upgradeTool": str,
     "historyID": str,
     "dryRun": bool,
+    "resolveJob": str,
 }
 
 
@@ -231,6 +246,7 @@ def parse_envelope_dict(data: dict[str, Any], config: Config, source: str) -> Co
         history_id=data.get("historyID", ""),
         dry_run=data.get("dryRun", False),
         source=source,
+        resolves=data.get("resolveJob", ""),
     )
 
 

@@ -22,8 +22,9 @@ def build_report(job: Job, *, log_tail: str | None = None,
                  plan: dict[str, Any] | None = None) -> dict[str, Any]:
     cmd = job.command
     phase, result = kubeedge_phase(job.state), kubeedge_result(job.state)
-    if cmd.operation in (Operation.ROLLBACK, Operation.PREPULL) and job.terminal:
-        # Neither is an upgrade: KubeEdge's upgrade results do not fit them.
+    if cmd.operation in (Operation.ROLLBACK, Operation.PREPULL, Operation.RESOLVE) \
+            and job.terminal:
+        # None is an upgrade: KubeEdge's upgrade results do not fit them.
         ok = job.state in (State.ROLLED_BACK, State.SUCCEEDED)
         phase = "Successful" if ok else "Failure"
         result = f"{cmd.operation.value}_{'success' if ok else 'failed'}"

@@ -1,10 +1,15 @@
-"""Backup and restore of edgecore's binary, config and database.
+"""Backup and restore of edgecore's binary, config, database and unit file.
 
-Layout is keadm's own (``/etc/kubeedge/backup/<version>/{edgecore,
-edgecore.yaml,edgecore.db}``) so ``keadm rollback edge`` can use our backups,
-plus a ``manifest.json`` with sha256, size, mode and origin of each file. A
-backup is written into ``<version>.partial`` and renamed when complete: a
-directory without the suffix is always whole.
+Backups live in the agent's own directory (``<state_dir>/backups/<version>/``),
+never in keadm's ``/etc/kubeedge/backup/<version>/``: keadm (v1.12 to v1.20)
+writes its own live copy there during the very upgrade we back up, and would
+overwrite ours. Inside, the file names are keadm's (``edgecore``,
+``edgecore.yaml``, ``edgecore.db``) plus the unit file and its drop-ins
+(keadm rewrites the unit), and a ``manifest.json`` with sha256, size, mode
+and origin of each file. A backup is written into ``<version>.partial`` and
+renamed when complete: a directory without the suffix is always whole.
+
+Everything here is blocking file work: callers run it in a thread.
 """
 
 from __future__ import annotations
@@ -51,6 +56,20 @@ class Manifest:
     def size(self) -> int:
         return sum(e.digest.size for e in self.entries)
 
+    def entry(self, name: str) -> BackupEntry | None:
+        return next((e for e in self.entries if e.name == name), None)
+
+
+def _sources(files: EdgecoreFiles) -> list[tuple[str, Path, bool]]:
+    """(name in the backup, origin, required) for every file a backup holds."""
+    out = [(NAMES["binary"], files.binary, True), (NAMES["config"], files.config, True),
+           # a node that never ran has no database yet; a process-managed one no unit
+           (NAMES["db"], files.db, False), (files.unit.name, files.unit, False)]
+    if files.dropins.is_dir():
+        out += [(f"{files.dropins.name}/{d.name}", d, False)
+                for d in sorted(files.dropins.iterdir()) if d.is_file() and not d.is_symlink()]
+    return out
+
 
 def make_backup(backup_root: Path, version: str, files: EdgecoreFiles) -> Manifest:
     final = backup_root / version
@@ -60,14 +79,15 @@ def make_backup(backup_root: Path, version: str, files: EdgecoreFiles) -> Manife
     partial.mkdir(parents=True)
     entries = []
     try:
-        for kind, src in (("binary", files.binary), ("config", files.config), ("db", files.db)):
+        for name, src, required in _sources(files):
             if not src.exists():
-                if kind == "db":
-                    continue  # a node that never ran has no database yet
+                if not required:
+                    continue
                 raise BackupError(f"cannot back up {src}: file missing")
-            dst = partial / NAMES[kind]
-            digest = sqlite_backup(src, dst) if kind == "db" else copy_hashed(src, dst)
-            entries.append(BackupEntry(NAMES[kind], str(src), digest))
+            dst = partial / name
+            dst.parent.mkdir(exist_ok=True)
+            digest = sqlite_backup(src, dst) if name == NAMES["db"] else copy_hashed(src, dst)
+            entries.append(BackupEntry(name, str(src), digest))
             fault_point("backup:partial")
     except (OSError, sqlite3.Error) as exc:
         shutil.rmtree(partial, ignore_errors=True)
@@ -126,6 +146,8 @@ def verify_backup(directory: Path) -> Manifest:
     manifest = load_manifest(directory)
     for e in manifest.entries:
         path = directory / e.name
+        if Path(e.name).is_absolute() or ".." in Path(e.name).parts:
+            raise BackupError(f"backup manifest in {directory} names a file outside it: {e.name}")
         if path.is_symlink() or not path.is_file():
             raise BackupError(f"backup file {path} is missing")
         actual = sha256_file(path)
@@ -137,10 +159,24 @@ def verify_backup(directory: Path) -> Manifest:
     return manifest
 
 
-def restore_backup(directory: Path, manifest: Manifest) -> None:
-    """Put each file back with temp+fsync+rename, re-checking the copy's hash."""
+def restore_backup(directory: Path, manifest: Manifest) -> bool:
+    """Put each file back with temp+fsync+rename, re-checking the copy's hash.
+
+    Returns whether a unit file was among them (the caller then reloads units).
+    Files equal to the backup already are left alone, so a re-run after a
+    crash, or a rollback of a job that never reached keadm, rewrites nothing.
+    """
+    unit_restored = False
     for e in manifest.entries:
         dst = Path(e.origin)
+        try:
+            same = dst.is_file() and sha256_file(dst).sha256 == e.digest.sha256
+        except OSError:
+            same = False
+        if same and e.name != NAMES["db"]:
+            continue  # the DB is always rewritten: its -wal may still hold newer pages
+        if e.name not in NAMES.values():
+            unit_restored = True
         if e.name == "edgecore.db":
             # A newer edgecore's WAL replayed onto the old DB would corrupt it.
             for suffix in ("-wal", "-shm", "-journal"):
@@ -152,6 +188,7 @@ def restore_backup(directory: Path, manifest: Manifest) -> None:
         if digest.sha256 != e.digest.sha256:
             raise BackupError(f"restored {dst} does not match the backup checksum")
         fault_point("restore:partial")
+    return unit_restored
 
 
 def list_backups(backup_root: Path) -> list[Version]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.adapters.files import sha256_file
 from agent.adapters.images import EDGECORE, KEADM, ImageInfo, Progress, verify_digest
 from agent.messages.commands import Command
 from agent.node import Node
@@ -16,6 +18,7 @@ from agent.retry import retry_transient
 class Staged:
     keadm: Path
     edgecore: Path
+    edgecore_sha256: str  # what the health gate expects /proc/<MainPID>/exe to be
     info: ImageInfo
 
 
@@ -30,4 +33,8 @@ async def stage_image(node: Node, cmd: Command, progress: Progress) -> Staged:
     staging = node.staging_dir(str(cmd.target))
     files = await retry_transient(
         f"extract from {ref}", lambda: node.images.extract(ref, [KEADM, EDGECORE], staging))
-    return Staged(files[KEADM], files[EDGECORE], info)
+    edgecore = files[EDGECORE]
+    sha = (await asyncio.to_thread(sha256_file, edgecore)).sha256
+    # Detection by checksum: this binary is cmd.target wherever it turns up.
+    node.remember_edgecore(sha, str(cmd.target))
+    return Staged(files[KEADM], edgecore, sha, info)

@@ -39,6 +39,20 @@ class PrecheckReport:
         return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.ok)
 
 
+def unresolved_failure(node: Node) -> str | None:
+    """Why no upgrade may start: an earlier rollback failed and nobody has fixed it.
+
+    Upgrading on top of a node whose rollback failed would take its backup of
+    a broken state and label it as good.
+    """
+    job = node.journal.unresolved_rollback_failure()
+    if job is None:
+        return None
+    return (f"refused: job {job.key} ended rollback_failed ({job.reason[:200]}); after "
+            f"repairing the node run `edge-upgrade-agent rollback` or "
+            f"`edge-upgrade-agent resolve {job.key}`")
+
+
 async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
                         lock_held: bool = False) -> PrecheckReport:
     """All checks; ``image_bytes`` is what the pull still needs (0 if present)."""
@@ -48,15 +62,20 @@ async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
     def add(name: str, ok: bool, detail: str) -> None:
         checks.append(CheckResult(name, ok, detail))
 
+    if (blocked := unresolved_failure(node)) is not None:
+        add("node", False, blocked)
     files = node.probe.files()
     detected: Detected | None = None
     if not files.binary.is_file():
         add("edgecore", False, f"edgecore binary missing at {files.binary}")
     else:
-        detected = await node.probe.detect()
+        # Never the agent's record: the version labels the backup, so it must be seen.
+        detected = await node.probe.detect(use_record=False)
         if detected is None:
-            add("edgecore", False, "cannot detect the edgecore version "
-                "(tried: edgecore --version, edgecore.yaml, MetaServer, agent record)")
+            add("edgecore", False, "cannot detect the edgecore version (tried: the start log "
+                f"of the running edgecore ({node.service.log_name}), edgecoreVersion in "
+                "edgecore.yaml, MetaServer, checksums of known packages, the version literal "
+                "in the binary; the agent's own record is never used to label a backup)")
         else:
             add("edgecore", True, f"{detected.version} (from {detected.source})")
 
