@@ -9,27 +9,31 @@ dockerd; commands and reports go through the test Mosquitto with mutual TLS.
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from broker import Broker
 from cloud import Cloud
 from conftest import REPO, wait_for
-from dockerenv import Dockerd, DockerUnavailable, Registry, build_package_image, push
-from e2e_host import EdgeHost, HostUnavailable, rootfs_tar
-from pki import make_pki
+from dockerenv import DockerUnavailable, RegistryUnavailable
+from e2e_host import (
+    EdgeHost,
+    HostUnavailable,
+    Rig,
+    agent_settings,
+    build_wheelhouse,
+    install_agent,
+    journal_version,
+    skip_or_fail,
+)
 from standins import write_edgecore, write_keadm
 
 from agent.adapters.images import EDGECORE, KEADM
 
 pytestmark = pytest.mark.slow
-USER, PASSWORD = "edge", "e2e-secret"
 PY = "/usr/bin/python3"  # the host's interpreter for the stand-ins
 EDGECORE_UNIT = """[Unit]
 Description=edgecore (stand-in)
@@ -44,13 +48,15 @@ WantedBy=multi-user.target
 
 
 class E2E:
-    def __init__(self, host: EdgeHost, cloud: Cloud, registry: Registry) -> None:
+    def __init__(self, host: EdgeHost, cloud: Cloud, repo: str) -> None:
         self.host = host
         self.cloud = cloud
-        self.repo = f"{registry.address}/kubeedge/installation-package"
+        self.repo = repo
 
     def version(self) -> str:
-        return self.host.ok("/usr/local/bin/edgecore --version").split()[-1]
+        """What the unit's current invocation logged at start (never runs edgecore)."""
+        wait_for(lambda: journal_version(self.host) != "", timeout=30, interval=0.2)
+        return journal_version(self.host)
 
     def active(self) -> bool:
         return self.host.sh("systemctl is-active edgecore")[1].strip() == "active"
@@ -66,20 +72,6 @@ class E2E:
         self.cloud.send({"jobName": name, "version": version, "image": self.repo, **extra})
         wait_for(lambda: self.cloud.finals(name), timeout=240)
         return self.cloud.finals(name)[0]
-
-
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("EDGE_TEST_REQUIRE_DOCKERD"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-def _wheelhouse(directory: Path) -> Path:
-    proc = subprocess.run([str(REPO / "scripts/build-wheelhouse.sh"), str(directory)],
-                          capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        _skip_or_fail(f"cannot build a wheelhouse: {proc.stderr[-500:]}")
-    return directory
 
 
 def _node_files(host: EdgeHost, work: Path) -> None:
@@ -100,97 +92,47 @@ def _node_files(host: EdgeHost, work: Path) -> None:
     host.ok("systemctl daemon-reload && systemctl enable --now edgecore")
 
 
-def _agent_config(host: EdgeHost, broker: Broker, registry: Registry, pki_dir: Path) -> None:
-    for name in ("ca.crt", "node-1.crt", "node-1.key"):
-        host.put(f"/etc/edge-upgrade-agent/tls/{name}", (pki_dir / name).read_bytes(), 0o600)
-    host.put("/etc/edge-upgrade-agent/credentials/registry", PASSWORD.encode(), 0o600)
-    config = {
-        "node_name": "node-1",
-        "health": {"grace_seconds": 3, "start_timeout_seconds": 20, "poll_interval_seconds": 0.5},
-        "precheck": {"reserve_bytes": 0},
-        "images": {"backend": "docker", "docker_config": "",
-                   "allowed_registries": [registry.address],
-                   "credentials": {registry.address: {
-                       "username": USER,
-                       "password_file": "/etc/edge-upgrade-agent/credentials/registry"}}},
-        "transport": {"kind": "mqtt", "mqtt": {
-            "host": "127.0.0.1", "port": broker.port, "reconnect_min_seconds": 0.2,
-            "reconnect_max_seconds": 2, "ca_file": "/etc/edge-upgrade-agent/tls/ca.crt",
-            "cert_file": "/etc/edge-upgrade-agent/tls/node-1.crt",
-            "key_file": "/etc/edge-upgrade-agent/tls/node-1.key"}},
-    }
-    # Written before install.sh, which never overwrites an operator's config.
-    host.put("/etc/edge-upgrade-agent/agent.yaml", yaml.safe_dump(config).encode(), 0o640)
-
-
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     work = tmp_path_factory.mktemp("e2e")
-    try:
-        tar = rootfs_tar()
-    except HostUnavailable as exc:
-        _skip_or_fail(f"no edge host image: {exc}")
-    dockerd = Dockerd(work / "dockerd")
-    try:
-        dockerd.start()
-    except DockerUnavailable as exc:
-        _skip_or_fail(f"no container engine: {exc}")
-    registry = Registry(work / "registry", {USER: PASSWORD})
-    pki = make_pki(work / "pki")
-    broker = Broker(pki, work / "broker")
+    rig = Rig(work / "rig")
     host: EdgeHost | None = None
     cloud: Cloud | None = None
     try:
-        registry.start()
-        broker.start()
-        client = dockerd.client()
-        with tar.open("rb") as f:
-            client.api.import_image_from_data(f.read(), repository="edge-host", tag="e2e")
-        for version, kw in (("v1.13.0", {}), ("v1.14.0", {"edgecore": "crash"}),
-                            ("v1.15.0", {"keadm": "hang"})):
-            bindir = work / "pkg" / version
-            files: dict[str, bytes | Path] = {
-                KEADM: write_keadm(bindir / "keadm", version, behaviour=kw.get("keadm", "ok"),
-                                   interpreter=PY),
-                EDGECORE: write_edgecore(bindir / "edgecore", version,
-                                         behaviour=kw.get("edgecore", "ok"), interpreter=PY),
-            }
-            ref = f"{registry.address}/kubeedge/installation-package:{version}"
-            build_package_image(client, ref, files)
-            push(client, ref, USER, PASSWORD)
-        wheels = _wheelhouse(work / "wheels")
-        socket_path = dockerd.host.removeprefix("unix://")
-        host = EdgeHost(client, "edge-host:e2e", {
-            str(REPO): "/src:ro", str(wheels): "/wheels:ro",
-            socket_path: "/var/run/docker.sock"})
         try:
-            host.start()
-        except HostUnavailable as exc:
-            _skip_or_fail(str(exc))
+            rig.start()
+            for version, kw in (("v1.13.0", {}), ("v1.14.0", {"edgecore": "crash"}),
+                                ("v1.15.0", {"keadm": "hang"})):
+                bindir = work / "pkg" / version
+                rig.package(version, {
+                    KEADM: write_keadm(bindir / "keadm", version,
+                                       behaviour=kw.get("keadm", "ok"), interpreter=PY),
+                    EDGECORE: write_edgecore(bindir / "edgecore", version,
+                                             behaviour=kw.get("edgecore", "ok"), interpreter=PY),
+                })
+            wheels = build_wheelhouse(work / "wheels")
+            host = rig.host({str(REPO): "/src:ro", str(wheels): "/wheels:ro"},
+                            share_upgrade_dir=False)
+        except (HostUnavailable, DockerUnavailable, RegistryUnavailable) as exc:
+            skip_or_fail(f"no edge host: {exc}", "EDGE_TEST_REQUIRE_DOCKERD")
         _node_files(host, work)
-        _agent_config(host, broker, registry, pki.dir)
-        host.ok("bash /src/scripts/install.sh --wheelhouse /wheels --node-name node-1")
-        host.ok("systemctl is-active edge-upgrade-agent")
-        cloud = Cloud(broker)
+        install_agent(host, agent_settings(rig.registry.address, rig.broker.port), rig.pki.dir)
+        cloud = Cloud(rig.broker)
         wait_for(lambda: any(p["online"] for p in cloud.presence()), timeout=60)
-        yield E2E(host, cloud, registry)
+        yield E2E(host, cloud, f"{rig.registry.address}/kubeedge/installation-package")
     finally:
-        if host is not None and os.environ.get("EDGE_UPGRADE_E2E_KEEP") is None:
-            log = host.sh("journalctl -u edge-upgrade-agent --no-pager | tail -40")[1]
-            print(log)  # shown by pytest on failure
-            host.stop()
+        if host is not None and host.container is not None:
+            print(host.sh("journalctl -u edge-upgrade-agent --no-pager | tail -40")[1])
         if cloud is not None:
             cloud.close()
-        broker.stop()
-        registry.stop()
-        dockerd.stop()
+        rig.stop()
 
 
 def test_1_successful_upgrade(e2e: E2E) -> None:
     final = e2e.run_job("e2e-ok", "v1.13.0")
     assert final["result"] == "upgrade_success", final
     assert e2e.version() == "v1.13.0" and e2e.active()
-    e2e.host.ok("test -f /etc/kubeedge/backup/v1.12.1/manifest.json")
+    e2e.host.ok("test -f /var/lib/edge-upgrade-agent/backups/v1.12.1/manifest.json")
 
 
 def test_2_crashing_build_is_rolled_back(e2e: E2E) -> None:
