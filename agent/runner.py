@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.adapters.edgecore import running_sha256
+from agent.adapters.edgecore import Detected, running_sha256
 from agent.adapters.keadm import InstallSpec, custom_argv, keadm_argv
 from agent.errors import AgentError, Busy, InstallError, InvalidCommand, PrecheckFailed
 from agent.faults import fault_point
@@ -200,7 +200,7 @@ class Runner:
                                 notes={"refusal": "precheck"})
         detected = await self.node.probe.detect(use_record=False)
         if detected is not None:
-            job = replace(job, from_version=str(detected.version))
+            job = _with_version(job, detected)
             if detected.version == cmd.target:
                 # Decided before the image is looked at: a skip needs no package.
                 return self.advance(job, State.SKIPPED, f"already at {cmd.target}",
@@ -212,9 +212,9 @@ class Runner:
         except AgentError as exc:
             return self.advance(job, State.FAILED, f"image: {exc.reason}",
                                 action=(Action.CHECK, False), notes={"refusal": "precheck"})
-        report = await run_prechecks(self.node, cmd, image_bytes=image_bytes, lock_held=True)
-        from_version = str(report.detected.version) if report.detected else None
-        job = replace(job, from_version=from_version)
+        report = await run_prechecks(self.node, cmd, image_bytes=image_bytes, lock_held=True,
+                                     detected=detected)
+        job = _with_version(job, report.detected)
         if not report.ok:
             return self.advance(job, State.FAILED, PrecheckFailed(report.failures()).reason,
                                 action=(Action.CHECK, False), notes={"refusal": "precheck"})
@@ -229,7 +229,9 @@ class Runner:
         except AgentError as exc:
             return self.advance(job, State.FAILED, f"image: {exc.reason}",
                                 action=(Action.CHECK, False))
-        job = self.advance(job, job.state, "image staged", action=(Action.CHECK, True),
+        staged_why = "image staged" + (" (already staged from this digest: not extracted again)"
+                                       if staged.reused else "")
+        job = self.advance(job, job.state, staged_why, action=(Action.CHECK, True),
                            notes={"keadm": str(staged.keadm), "digest": staged.info.digest,
                                   "edgecore_sha256": staged.edgecore_sha256})
         return self.advance(job, State.IMAGE_READY, f"image {staged.info.digest} ready",
@@ -407,11 +409,19 @@ class Runner:
                                 notes={"refusal": "precheck"})
         detected = await self.node.probe.detect(use_record=False)
         current = str(detected.version) if detected else None
-        job = replace(job, from_version=current)
+        job = _with_version(job, detected)
         return self.advance(job, State.ROLLING_BACK,
                             f"manual rollback from {current or 'unknown'} to {target}",
                             notes={"backup": str(root / str(target)),
                                    "restore_version": str(target)})
+
+
+def _with_version(job: Job, detected: Detected | None) -> Job:
+    """The detected version, and (for every later report) the source that answered."""
+    if detected is None:
+        return replace(job, from_version=None)
+    notes = {**dict(job.notes), "version_source": detected.source}
+    return replace(job, from_version=str(detected.version), notes=tuple(sorted(notes.items())))
 
 
 def _resolve_reason(blocking: Job | None, key: str) -> tuple[State, str]:

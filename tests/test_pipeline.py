@@ -34,6 +34,9 @@ def test_successful_upgrade(sandbox: Sandbox) -> None:
         "edgecore", "edgecore.db", "edgecore.yaml", "manifest.json"]
     assert [a["action"] for a in job["actionFlow"]] == [
         "Check", "WaitingConfirmation", "BackUp", "Upgrade"]
+    (final,) = sandbox.final_reports(job["jobKey"])
+    assert (final["fromVersion"], final["versionSource"]) == ("v1.12.1", "log")
+    assert "runs sha256" in final["reason"] and "logged Version: v1.13.0" in final["reason"]
     assert all(a["succ"] and a["extend"] == "v1.12.1,v1.13.0" for a in job["actionFlow"])
     finals = sandbox.final_reports(job["jobKey"])
     assert len(finals) == 1 and finals[0]["result"] == "upgrade_success"

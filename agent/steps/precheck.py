@@ -54,8 +54,10 @@ def unresolved_failure(node: Node) -> str | None:
 
 
 async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
-                        lock_held: bool = False) -> PrecheckReport:
-    """All checks; ``image_bytes`` is what the pull still needs (0 if present)."""
+                        lock_held: bool = False,
+                        detected: Detected | None = None) -> PrecheckReport:
+    """All checks; ``image_bytes`` is what the pull still needs (0 if present);
+    ``detected``: a version the caller has just detected (else it is detected here)."""
     cfg = node.config
     checks: list[CheckResult] = []
 
@@ -65,12 +67,11 @@ async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
     if (blocked := unresolved_failure(node)) is not None:
         add("node", False, blocked)
     files = node.probe.files()
-    detected: Detected | None = None
     if not files.binary.is_file():
         add("edgecore", False, f"edgecore binary missing at {files.binary}")
     else:
         # Never the agent's record: the version labels the backup, so it must be seen.
-        detected = await node.probe.detect(use_record=False)
+        detected = detected or await node.probe.detect(use_record=False)
         if detected is None:
             add("edgecore", False, "cannot detect the edgecore version (tried: the start log "
                 f"of the running edgecore ({node.service.log_name}), edgecoreVersion in "
