@@ -200,3 +200,22 @@ def test_backup_runs_off_the_event_loop(sandbox: Sandbox, monkeypatch: pytest.Mo
         assert asyncio.run(main()).state == State.BACKED_UP
     finally:
         node.close()
+
+
+def test_staging_is_reused_only_when_digest_and_files_match(sandbox: Sandbox) -> None:
+    from agent.steps.image import stage_image
+
+    node = build_node(load_config(sandbox.config))
+    try:
+        cmd = build_command(node.config, operation=Operation.PREPULL, job_name="s1",
+                            version="v1.13.0")
+        first = asyncio.run(stage_image(node, cmd, lambda _: None))
+        again = asyncio.run(stage_image(node, cmd, lambda _: None))
+        assert (first.reused, again.reused) == (False, True)
+        assert again.edgecore_sha256 == first.edgecore_sha256 == \
+            sha256_file(first.edgecore).sha256
+        first.keadm.write_bytes(b"tampered")  # a damaged staged file is extracted again
+        third = asyncio.run(stage_image(node, cmd, lambda _: None))
+        assert not third.reused and third.keadm.read_bytes() != b"tampered"
+    finally:
+        node.close()

@@ -242,6 +242,9 @@ def test_cli_upgrade_and_prepull_with_a_pulled_image(env: Env, sandbox: Sandbox)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["job"]["state"] == "succeeded"
     assert sandbox.running_version() == "v1.13.0"
+    # The prepull staged the package: the upgrade checked it and did not extract it again.
+    assert any("not extracted again" in r["reason"] for r in sandbox.reports()
+               if r["operation"] == "upgrade")
     # The password is in no report, log line or output of the whole run.
     everything = proc.stdout + proc.stderr + "\n".join(json.dumps(r) for r in sandbox.reports())
     everything += "".join(p.read_text() for p in (sandbox.state_dir / "logs").glob("*.log"))

@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import os
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from agent.versions import ImageRef
 
 HUB_KEYS = ("docker.io", "https://index.docker.io/v1/", "index.docker.io")
 MAX_EXTRACT_BYTES = 512 * 1024 * 1024
+CHUNK = 1024 * 1024
 
 
 def classify(message: str, status: int | None = None) -> Exception:
@@ -236,36 +237,69 @@ class DockerImageBackend:
         return await asyncio.to_thread(work)
 
     def _copy_out(self, container: Any, name: str, dest: Path) -> Path:
+        """Stream ``name`` out of the container's tar straight into ``dest``.
+
+        No temporary copy of the archive: keadm and edgecore are 70 MB each, and
+        the package's extraction sits in the upgrade's critical path.
+        """
         stream, _ = self._call(container.get_archive, name)
-        with tempfile.TemporaryFile(dir=dest) as raw:
-            size = 0
-            for chunk in stream:
-                size += len(chunk)
-                if size > MAX_EXTRACT_BYTES:
-                    raise FatalError(f"{name} in the image is larger than {MAX_EXTRACT_BYTES}")
-                raw.write(chunk)
-            raw.seek(0)
-            with tarfile.open(fileobj=raw, mode="r:") as tar:
-                members = tar.getmembers()
-                base = Path(name).name
+        base = Path(name).name
+        target, tmp = dest / base, dest / f".{base}.eua-tmp"
+        try:
+            raw = io.BufferedReader(_ChunkReader(stream, name), CHUNK)
+            with tarfile.open(fileobj=raw, mode="r|", bufsize=CHUNK) as tar:
+                member = tar.next()
                 # Exactly one regular file named as asked: no links, no paths.
-                if len(members) != 1 or members[0].name != base or not members[0].isreg():
-                    kinds = ", ".join(f"{m.name} ({'link' if m.issym() or m.islnk() else m.type!r})"
-                                      for m in members[:3])
+                if member is None or member.name != base or not member.isreg():
+                    kind = "link" if member and (member.issym() or member.islnk()) else ""
+                    got = "nothing" if member is None else \
+                        f"{member.name} ({kind or repr(member.type)})"
                     raise FatalError(f"refusing {name} from the image: expected one regular "
-                                     f"file, got {kinds}")
-                source = tar.extractfile(members[0])
+                                     f"file, got {got}")
+                source = tar.extractfile(member)
                 assert source is not None
-                target = dest / base
-                tmp = dest / f".{base}.eua-tmp"
                 with tmp.open("wb") as out:
-                    while chunk := source.read(1024 * 1024):
+                    while chunk := source.read(CHUNK):
                         out.write(chunk)
                     os.fchmod(out.fileno(), 0o755)
                     os.fsync(out.fileno())
-                tmp.replace(target)
-                fsync_dir(dest)
-                return target
+                extra = tar.next()
+                if extra is not None:
+                    raise FatalError(f"refusing {name} from the image: expected one regular "
+                                     f"file, got {base} and {extra.name}")
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(dest)
+        return target
+
+
+class _ChunkReader(io.RawIOBase):
+    """A raw stream over the docker SDK's chunk iterator, with a size cap."""
+
+    def __init__(self, chunks: Any, name: str) -> None:
+        super().__init__()
+        self.chunks = iter(chunks)
+        self.name = name
+        self.chunk = memoryview(b"")
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.chunk:
+            data = next(self.chunks, None)
+            if data is None:
+                return 0
+            self.total += len(data)
+            if self.total > MAX_EXTRACT_BYTES:
+                raise FatalError(f"{self.name} in the image is larger than {MAX_EXTRACT_BYTES}")
+            self.chunk = memoryview(data)
+        n = min(len(buffer), len(self.chunk))
+        buffer[:n] = self.chunk[:n]
+        self.chunk = self.chunk[n:]
+        return n
 
 
 def _short_repo(repo: str) -> str:
