@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.adapters.edgecore import Detected, running_sha256
+from agent.adapters.edgecore import Detected
 from agent.adapters.keadm import InstallSpec, custom_argv, keadm_argv
 from agent.errors import AgentError, Busy, InstallError, InvalidCommand, PrecheckFailed
 from agent.faults import fault_point
@@ -33,10 +33,10 @@ from agent.states import NODE_TOUCHED, Action, State
 from agent.steps.backup import list_backups, make_backup, prune_backups
 from agent.steps.image import stage_image
 from agent.steps.install import kill_installers, log_tail, run_installer
-from agent.steps.precheck import run_prechecks, unresolved_failure
+from agent.steps.precheck import resolve_verdict, run_prechecks, unresolved_failure
 from agent.steps.rollback import roll_back
 from agent.steps.unit import keep_operator_unit
-from agent.steps.verify import health_gate
+from agent.steps.verify import ensure_new_running, health_gate
 from agent.versions import Version
 
 log = structlog.get_logger("agent.runner")
@@ -313,7 +313,9 @@ class Runner:
             if result.returncode != 0:
                 raise InstallError(f"installer exited with code {result.returncode}")
             unit = await keep_operator_unit(self.node, Path(job.note("backup") or ""))
-            await self._ensure_new_running(job)
+            if await ensure_new_running(self.node, job.note("edgecore_sha256")):
+                log.warning("edgecore still ran the old binary after the installer; restarted",
+                            job=job.key)
         except AgentError as exc:
             return self.advance(job, State.ROLLING_BACK, f"install: {exc.reason}",
                                 action=(Action.UPGRADE, False), log_tail=_tail_of(log_path))
@@ -322,20 +324,6 @@ class Runner:
                                 action=(Action.UPGRADE, False), log_tail=_tail_of(log_path))
         why = "installer finished; checking health" + (f" ({unit})" if unit else "")
         return self.advance(job, State.VERIFYING, why, notes={"unit": unit} if unit else None)
-
-    async def _ensure_new_running(self, job: Job) -> None:
-        """keadm may swap the binary without (re)starting edgecore (KubeEdge #4993)."""
-        service = self.node.service
-        status = await service.status()
-        if not status.active:
-            await retry_transient("start edgecore", service.start)
-            return
-        expected = job.note("edgecore_sha256")
-        running = await asyncio.to_thread(running_sha256, status.main_pid)
-        if expected and running != expected:
-            log.warning("edgecore still runs the old binary after the installer; restarting",
-                        job=job.key, pid=status.main_pid)
-            await retry_transient("restart edgecore", service.restart)
 
     async def _verifying(self, job: Job) -> Job:
         try:
@@ -394,7 +382,7 @@ class Runner:
     def _resolve(self, job: Job) -> Job:
         """``resolve JOB``: the operator says the node a failed rollback left is repaired."""
         key = job.command.resolves
-        state, reason = _resolve_reason(self.node.journal.unresolved_rollback_failure(), key)
+        state, reason = resolve_verdict(self.node, key)
         return self.advance(job, state, reason,
                             notes={"refusal": "precheck"} if state == State.FAILED else None)
 
@@ -422,15 +410,6 @@ def _with_version(job: Job, detected: Detected | None) -> Job:
         return replace(job, from_version=None)
     notes = {**dict(job.notes), "version_source": detected.source}
     return replace(job, from_version=str(detected.version), notes=tuple(sorted(notes.items())))
-
-
-def _resolve_reason(blocking: Job | None, key: str) -> tuple[State, str]:
-    if blocking is None:
-        return State.FAILED, f"nothing to resolve: no unresolved rollback failure ({key} given)"
-    if blocking.key != key:
-        return State.FAILED, (f"{key} is not the unresolved rollback failure; "
-                              f"{blocking.key} is")
-    return State.SUCCEEDED, f"operator resolved the rollback failure of {key}; upgrades allowed"
 
 
 def _tail_of(path: Path) -> str:

@@ -197,3 +197,12 @@ def test_prepull_and_rollback_dry_run(daemon: Daemon) -> None:
     wait_for(lambda: daemon.final("pp"))
     (final,) = daemon.final("pp")
     assert final["result"] == "prepull_success" and "prepulled" in final["reason"]
+
+
+def test_resolve_over_the_transport(daemon: Daemon) -> None:
+    daemon.send("s1", {"jobName": "res", "operation": "resolve", "resolveJob": "up-1"})
+    daemon.send("s2", {"jobName": "res-bad", "operation": "resolve"})
+    wait_for(lambda: daemon.final("res") and daemon.final("rejected-res-bad"))
+    (final,) = daemon.final("res")
+    assert final["result"] == "resolve_failed" and "nothing to resolve" in final["reason"]
+    assert "resolve needs the key" in daemon.final("rejected-res-bad")[0]["reason"]

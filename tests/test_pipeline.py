@@ -196,6 +196,25 @@ def test_corrupted_backup_is_detected_before_restore(sandbox: Sandbox) -> None:
     assert sandbox.root.joinpath("run/edgecore.pid").read_text() == pid_before
     assert sandbox.running_version() == "v1.13.0"
 
+    # From now on no upgrade builds on this node until an operator has looked.
+    failed = out["job"]["jobKey"]
+    sandbox.image("v1.14.0")
+    rc, out = sandbox.upgrade("v1.14.0")
+    assert (rc, out["job"]["state"]) == (5, "failed"), out
+    assert f"job {failed} ended rollback_failed" in out["job"]["reason"]
+    rc, plan = sandbox.upgrade("v1.14.0", "--dry-run")
+    assert plan["plan"]["verdict"] == "NO-GO" and failed in plan["plan"]["reason"]
+    assert sandbox.cli_json("status")[1]["blockedBy"] == failed
+    rc, out = sandbox.cli_json("resolve", out["job"]["jobKey"], "--yes")  # the wrong job
+    assert (rc, out["job"]["state"]) == (5, "failed"), out
+    assert f"{failed} is" in out["job"]["reason"]
+    rc, out = sandbox.cli_json("resolve", failed, "--yes")
+    assert (rc, out["job"]["state"]) == (0, "succeeded"), out
+    assert sandbox.final_reports(out["job"]["jobKey"])[0]["result"] == "resolve_success"
+    assert sandbox.cli_json("status")[1]["blockedBy"] is None
+    rc, out = sandbox.upgrade("v1.14.0")
+    assert (rc, out["job"]["state"]) == (0, "succeeded"), out
+
 
 def test_manual_rollback_restores_the_newest_backup(sandbox: Sandbox) -> None:
     assert sandbox.upgrade("v1.13.0")[0] == 0

@@ -12,6 +12,7 @@ from agent.errors import AgentError, Busy
 from agent.locks import inspect_marker
 from agent.messages.commands import Command
 from agent.node import Node
+from agent.states import State
 from agent.versions import Decision
 
 
@@ -51,6 +52,16 @@ def unresolved_failure(node: Node) -> str | None:
     return (f"refused: job {job.key} ended rollback_failed ({job.reason[:200]}); after "
             f"repairing the node run `edge-upgrade-agent rollback` or "
             f"`edge-upgrade-agent resolve {job.key}`")
+
+
+def resolve_verdict(node: Node, key: str) -> tuple[State, str]:
+    """The outcome of ``resolve KEY``: it must name the unresolved rollback failure."""
+    blocking = node.journal.unresolved_rollback_failure()
+    if blocking is None:
+        return State.FAILED, f"nothing to resolve: no unresolved rollback failure ({key} given)"
+    if blocking.key != key:
+        return State.FAILED, f"{key} is not the unresolved rollback failure; {blocking.key} is"
+    return State.SUCCEEDED, f"operator resolved the rollback failure of {key}; upgrades allowed"
 
 
 async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,

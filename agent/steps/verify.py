@@ -18,6 +18,7 @@ from agent.adapters.edgecore import running_sha256
 from agent.adapters.service import ServiceStatus
 from agent.errors import HealthCheckFailed
 from agent.node import Node
+from agent.retry import retry_transient
 from agent.versions import Version
 
 
@@ -51,6 +52,22 @@ async def wait_stable(node: Node) -> ServiceStatus:
                 f"{status.main_pid})"
             )
     return status
+
+
+async def ensure_new_running(node: Node, expected_sha256: str | None) -> bool:
+    """After the installer: start edgecore if it is down, restart it if it still runs
+    another binary (keadm may swap the file without a restart, KubeEdge #4993).
+    Returns whether it had to restart."""
+    service = node.service
+    status = await service.status()
+    if not status.active:
+        await retry_transient("start edgecore", service.start)
+        return False
+    running = await asyncio.to_thread(running_sha256, status.main_pid)
+    if expected_sha256 is None or running == expected_sha256:
+        return False
+    await retry_transient("restart edgecore", service.restart)
+    return True
 
 
 async def health_gate(node: Node, expected: Version, expected_sha256: str | None) -> str:
