@@ -92,6 +92,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def source_files(src: Path) -> EdgecoreFiles:
+    """Where a benchmark puts the node's files to back up (a fresh directory); the
+    small unit file is written here, the binary, config and database by the caller."""
+    src.mkdir()
+    files = EdgecoreFiles(src / "edgecore", src / "edgecore.yaml", src / "edgecore.db",
+                          src / "edgecore.service", src / "edgecore.service.d")
+    files.unit.write_text("[Service]\nExecStart=/usr/local/bin/edgecore\nRestart=always\n")
+    return files
+
+
 def write_random(path: Path, size: int) -> None:
     with path.open("wb") as f:
         left = size
@@ -201,12 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="eua-bench-backup-", dir=args.dir))
     try:
-        src = work / "src"
-        src.mkdir()
-        files = EdgecoreFiles(src / "edgecore", src / "edgecore.yaml", src / "edgecore.db",
-                              src / "edgecore.service", src / "edgecore.service.d")
+        files = source_files(work / "src")
         size = args.size_mib * MIB
-        log(f"creating {args.size_mib} MiB binary and database in {src} ...")
+        log(f"creating {args.size_mib} MiB binary and database in {files.binary.parent} ...")
         write_random(files.binary, size)
         files.binary.chmod(0o755)
         files.config.write_text(EDGECORE_YAML, encoding="utf-8")
