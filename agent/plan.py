@@ -85,7 +85,7 @@ async def make_plan(node: Node, cmd: Command) -> Plan:
         f"precheck: version policy, {', '.join(cmd.check_items) or 'no'} resource checks, "
         "free space, locks",
         f"image: pull {ref}, extract {KEADM} and {EDGECORE} into {staging}",
-        f"backup: {', '.join(str(p) for p in files.all())} -> {backup_dir}",
+        f"backup: {', '.join(str(p) for p in files.present())} -> {backup_dir}",
         f"install: {installer}, timeout {cmd.timeout_seconds}s",
         f"verify: edgecore ({_service_name(node)}) active and stable for "
         f"{node.config.health.grace_seconds:g}s at {cmd.target}",

@@ -64,6 +64,11 @@ class EdgecoreFiles:
     def all(self) -> list[Path]:
         return [self.binary, self.config, self.db, self.unit]
 
+    def present(self) -> list[Path]:
+        """What a backup would hold now: the files that exist, drop-ins included."""
+        dropins = sorted(self.dropins.glob("*")) if self.dropins.is_dir() else []
+        return [p for p in [*self.all(), *dropins] if p.is_file()]
+
 
 def _find_key(data: Any, names: tuple[str, ...]) -> Any:
     if isinstance(data, dict):

@@ -113,7 +113,7 @@ async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
 
     # The backup lands beside /etc/kubeedge; the image in docker's data root
     # (or, for unpacked images, the state dir). Same filesystem: one sum.
-    backup_bytes = tree_size(files.all())
+    backup_bytes = tree_size(files.present())
     free = resources.free_bytes(node.backup_root)
     needed = backup_bytes + cfg.precheck.reserve_bytes
     image_root = await node.images.storage_path() or node.state_dir
