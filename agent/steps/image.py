@@ -1,10 +1,13 @@
 """Image step: make the installation package available and stage keadm from it.
 
 What was staged is recorded in ``staging/<version>/staged.json``: the image
-digest and the sha256 of each file. A later stage of the same digest (an
-upgrade after a ``prepull``, a retry after a failure) checks the files
-against it and skips the extraction, which for a real package is two 70 MB
-binaries streamed out of the engine.
+digest, and each file's sha256 and stat signature (inode, size, mtime). A
+later stage of the same digest (an upgrade after a ``prepull``, a retry after
+a failure) whose files still have those signatures skips the extraction,
+which for a real package is two 70 MB binaries streamed out of the engine.
+Signatures, not hashes, because what matters is caught downstream anyway: the
+health gate holds the running edgecore to the recorded sha256, and a damaged
+keadm fails the install, which is rolled back.
 """
 
 from __future__ import annotations
@@ -57,11 +60,17 @@ async def stage_image(node: Node, cmd: Command, progress: Progress) -> Staged:
                   info, reused)
 
 
+def _signature(path: Path) -> list[int]:
+    st = path.lstat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
 def _record(staging: Path, digest: str) -> dict[str, str]:
     shas = {name: sha256_file(staging / Path(name).name).sha256 for name in FILES}
+    stats = {name: _signature(staging / Path(name).name) for name in FILES}
     tmp = staging / f".{RECORD}.tmp"
     with tmp.open("w", encoding="utf-8") as f:
-        json.dump({"digest": digest, "sha256": shas}, f, sort_keys=True)
+        json.dump({"digest": digest, "sha256": shas, "stat": stats}, f, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(staging / RECORD)
@@ -70,16 +79,14 @@ def _record(staging: Path, digest: str) -> dict[str, str]:
 
 
 def _still_staged(staging: Path, digest: str) -> dict[str, str] | None:
-    """The files' sha256s if ``staging`` holds exactly what ``digest`` had, else None."""
+    """The files' sha256s if ``staging`` still holds what was staged from ``digest``."""
     try:
         data = json.loads((staging / RECORD).read_text(encoding="utf-8"))
-        shas = {name: str(data["sha256"][name]) for name in FILES}
         if data["digest"] != digest:
             return None
         for name in FILES:
-            path = staging / Path(name).name
-            if path.is_symlink() or sha256_file(path).sha256 != shas[name]:
+            if _signature(staging / Path(name).name) != list(data["stat"][name]):
                 return None
+        return {name: str(data["sha256"][name]) for name in FILES}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return shas
