@@ -269,8 +269,6 @@ class Runner:
                                 action=(Action.BACKUP, False))
         except OSError as exc:
             return self.advance(job, State.FAILED, f"backup: {exc}", action=(Action.BACKUP, False))
-        if (binary := manifest.entry("edgecore")) is not None:
-            self.node.remember_edgecore(binary.digest.sha256, job.from_version)
         removed = await asyncio.to_thread(
             prune_backups, self.node.backup_root, self.node.config.keep_backups,
             job.from_version)
