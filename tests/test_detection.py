@@ -20,7 +20,7 @@ from standins import stop_edgecore
 
 from agent.adapters.edgecore import embedded_versions, running_sha256
 from agent.adapters.files import FileDigest, copy_hashed, sha256_file
-from agent.adapters.service import parse_show, version_in_log
+from agent.adapters.service import SystemctlManager, parse_show, version_in_log
 from agent.config import load_config, parse_config
 from agent.errors import ConfigError, InvalidCommand
 from agent.journal import Job, Journal
@@ -219,3 +219,18 @@ def test_staging_is_reused_only_when_digest_and_files_match(sandbox: Sandbox) ->
         assert not third.reused and third.keadm.read_bytes() != b"tampered"
     finally:
         node.close()
+
+
+@pytest.mark.parametrize(("listing", "expected"), [
+    ("edgecore.service enabled enabled\nedge-upgrade-agent.service enabled enabled\n", True),
+    # keadm's grep sees "enabled" in the preset column too: it stops edgecore.service fine
+    ("edgecore.service disabled enabled\nedge-upgrade-agent.service enabled enabled\n", True),
+    ("edgecore.service static -\nedge-upgrade-agent.service enabled enabled\n", False),
+])
+def test_keadm_finds_edgecore_enabled_as_its_grep_does(tmp_path: Path, listing: str,
+                                                        expected: bool) -> None:
+    fake = tmp_path / "systemctl"
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = list-unit-files ] && printf '{listing}'\n")
+    fake.chmod(0o755)
+    manager = SystemctlManager("edgecore.service", systemctl=str(fake))
+    assert asyncio.run(manager.enabled_for_keadm()) is expected

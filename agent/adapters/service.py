@@ -66,6 +66,9 @@ class ServiceManager(Protocol):
     async def logged_version(self, status: ServiceStatus) -> str | None:
         """The ``Version:`` line MainPID of this invocation logged at start, if any."""
 
+    async def enabled_for_keadm(self) -> bool | None:
+        """Whether keadm will find the unit enabled (None: no unit files here)."""
+
 
 def parse_show(text: str) -> ServiceStatus:
     """Parse ``systemctl show -p ActiveState,NRestarts,MainPID,InvocationID`` output."""
@@ -124,6 +127,13 @@ class SystemctlManager:
 
     async def reload_units(self) -> None:
         await self._run("daemon-reload", unit=False)
+
+    async def enabled_for_keadm(self) -> bool | None:
+        # keadm decides which unit to stop with `systemctl list-unit-files | grep
+        # enabled | grep edge`, then `... | grep edgecore`: the same test here.
+        name = self.unit.removesuffix(".service")
+        listing = await self._run("list-unit-files", "--no-legend", "--no-pager", unit=False)
+        return any("enabled" in line and name in line for line in listing.splitlines())
 
     async def logged_version(self, status: ServiceStatus) -> str | None:
         if status.main_pid <= 0:
@@ -227,6 +237,9 @@ class ProcessManager:
 
     async def reload_units(self) -> None:
         """No unit files here: the process manager reads nothing to reload."""
+
+    async def enabled_for_keadm(self) -> bool | None:
+        return None
 
     async def logged_version(self, status: ServiceStatus) -> str | None:
         if status.main_pid <= 0:

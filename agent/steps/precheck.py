@@ -131,6 +131,15 @@ async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
         if free >= needed else
         f"disk full: {free} bytes free on the backup filesystem, {needed} needed")
 
+    if not cmd.upgrade_tool and await node.service.enabled_for_keadm() is False:
+        # keadm greps `systemctl list-unit-files` for "edge" and then for "edgecore";
+        # with edgecore's unit not enabled only edge-upgrade-agent.service matches,
+        # keadm runs `systemctl stop edge.service`, fails and rolls back.
+        unit = cfg.edgecore_unit
+        add("unit", False, f"{unit} is not enabled, so keadm would try to stop 'edge.service' "
+            f"(its `grep edge` matches edge-upgrade-agent.service) and fail; run "
+            f"`systemctl enable {unit}`")
+
     if not lock_held and node.lock.held_by_other():
         add("lock", False, "another job holds the agent lock")
     else:
