@@ -35,7 +35,7 @@ from agent.steps.image import stage_image
 from agent.steps.install import kill_installers, log_tail, run_installer
 from agent.steps.precheck import resolve_verdict, run_prechecks, unresolved_failure
 from agent.steps.rollback import roll_back
-from agent.steps.unit import keep_operator_unit
+from agent.steps.unit import guard_unit, keep_operator_unit
 from agent.steps.verify import ensure_new_running, health_gate
 from agent.versions import Version
 
@@ -306,11 +306,13 @@ class Runner:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "EDGE_UPGRADE_ROOT": str(self.node.config.paths.root), "LANG": "C.UTF-8"}
         log_path = Path(job.note("log") or self.node.log_path(job.key))
+        backup = Path(job.note("backup") or "")
         try:
-            result = await run_installer(argv, log_path, job.command.timeout_seconds, env)
+            async with guard_unit(self.node, backup):
+                result = await run_installer(argv, log_path, job.command.timeout_seconds, env)
             if result.returncode != 0:
                 raise InstallError(f"installer exited with code {result.returncode}")
-            unit = await keep_operator_unit(self.node, Path(job.note("backup") or ""))
+            unit = await keep_operator_unit(self.node, backup)
             if await ensure_new_running(self.node, job.note("edgecore_sha256")):
                 log.warning("edgecore still ran the old binary after the installer; restarted",
                             job=job.key)

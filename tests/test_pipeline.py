@@ -314,3 +314,42 @@ def test_version_detection_sources(tmp_path: Path, sandbox: Sandbox, source: str
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+OPERATOR_UNIT = """[Unit]
+Description=edgecore (the operator's)
+[Service]
+ExecStart={program} --config /etc/kubeedge/config/edgecore.yaml
+Environment=HTTPS_PROXY=http://proxy.local:3128
+KillMode=process
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@pytest.mark.parametrize(("preserve", "program", "kept"), [
+    (True, "/usr/local/bin/edgecore", "operator"),
+    (False, "/usr/local/bin/edgecore", "keadm"),
+    (True, "/opt/edge/bin/edgecore", "keadm"),  # keadm's unit runs another program
+])
+def test_operator_unit_across_keadm(sandbox: Sandbox, preserve: bool, program: str,
+                                    kept: str) -> None:
+    """The keadm stand-in rewrites a unit file it finds, as the real one does."""
+    unit = sandbox.root / "etc/systemd/system/edgecore.service"
+    unit.parent.mkdir(parents=True)
+    ours = OPERATOR_UNIT.format(program=program)
+    unit.write_text(ours)
+    sandbox.configure(service={"preserve_unit": preserve})
+    rc, out = sandbox.upgrade("v1.13.0")
+    assert rc == 0, out
+    assert (unit.read_text() == ours) == (kept == "operator"), unit.read_text()
+    reasons = " ".join(r["reason"] for r in sandbox.reports())
+    if kept == "keadm":
+        assert "kept keadm's unit" in reasons
+    # The backup holds the operator's unit; a rollback puts it back whatever keadm did.
+    assert (sandbox.state_dir / "backups/v1.12.1/edgecore.service").read_text() == ours
+    sandbox.image("v1.14.0", edgecore_behaviour="crash")
+    rc, out = sandbox.upgrade("v1.14.0")
+    assert out["job"]["state"] == "rolled_back", out
+    if kept == "operator":
+        assert unit.read_text() == ours

@@ -69,6 +69,9 @@ class ServiceManager(Protocol):
     async def enabled_for_keadm(self) -> bool | None:
         """Whether keadm will find the unit enabled (None: no unit files here)."""
 
+    async def needs_reload(self) -> bool:
+        """Whether the unit file changed since the manager loaded it."""
+
 
 def parse_show(text: str) -> ServiceStatus:
     """Parse ``systemctl show -p ActiveState,NRestarts,MainPID,InvocationID`` output."""
@@ -127,6 +130,9 @@ class SystemctlManager:
 
     async def reload_units(self) -> None:
         await self._run("daemon-reload", unit=False)
+
+    async def needs_reload(self) -> bool:
+        return "NeedDaemonReload=yes" in await self._run("show", "-p", "NeedDaemonReload")
 
     async def enabled_for_keadm(self) -> bool | None:
         # keadm decides which unit to stop with `systemctl list-unit-files | grep
@@ -240,6 +246,9 @@ class ProcessManager:
 
     async def enabled_for_keadm(self) -> bool | None:
         return None
+
+    async def needs_reload(self) -> bool:
+        return False
 
     async def logged_version(self, status: ServiceStatus) -> str | None:
         if status.main_pid <= 0:

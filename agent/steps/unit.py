@@ -1,24 +1,40 @@
 """The operator's edgecore unit, kept across keadm.
 
-keadm (v1.12 to v1.20) deletes ``edgecore.service`` and writes its own template,
-so an operator's ``Environment=``, ``KillMode=`` or resource limits vanish on
-every upgrade. After keadm has run, if the unit changed and keadm's
-``ExecStart`` still runs the same binary as the operator's, the operator's
-unit is put back, systemd reloads it and edgecore restarts under it. If the
-binary differs, keadm meant something else: its unit stays and the report
+keadm (v1.12 to v1.20) deletes ``edgecore.service`` and writes its own
+template, so an operator's ``Environment=``, ``KillMode=`` or resource limits
+vanish on every upgrade. The unit in the backup is the operator's. If keadm's
+``ExecStart`` runs the same program, the operator's unit is put back; if the
+program differs, keadm meant something else: its unit stays and the report
 says what differs. ``service.preserve_unit: false`` keeps keadm's unit always.
+
+When is it put back? keadm writes its unit, then runs ``daemon-reload &&
+enable && start``. A guard watches the file while keadm runs and puts the
+operator's unit back as soon as keadm's appears, which usually lands before
+keadm's ``daemon-reload``: edgecore then starts once, under the operator's
+unit. Whether it did is known afterwards without guessing: the file is the
+operator's and systemd has nothing left to reload (``NeedDaemonReload=no``).
+Otherwise (the guard lost the race, or no guard ran) the unit is put back
+after keadm, followed by ``daemon-reload`` and a restart of edgecore.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
 
 from agent.adapters.files import atomic_install, sha256_file
 from agent.node import Node
 from agent.retry import retry_transient
 from agent.steps.backup import load_manifest
+
+log = structlog.get_logger("agent.unit")
+POLL_SECONDS = 0.005  # a stat() per poll; keadm's next step is a bash and a sudo away
 
 
 def exec_binary(unit_text: str) -> str | None:
@@ -39,28 +55,101 @@ def exec_binary(unit_text: str) -> str | None:
     return program
 
 
-async def keep_operator_unit(node: Node, backup_dir: Path) -> str:
-    """Restore the operator's unit after keadm if it is safe; say what happened."""
-    unit = node.probe.files().unit
-    manifest = await asyncio.to_thread(load_manifest, backup_dir)
-    entry = manifest.entry(unit.name)
-    if entry is None:
-        return ""  # there was no unit file of the operator's to keep
-    saved = backup_dir / entry.name
+@dataclass(frozen=True)
+class OperatorUnit:
+    path: Path  # the unit file on the node
+    saved: Path  # its copy in the backup
+    text: str
+    sha256: str
+    mode: int
+
+    @classmethod
+    def from_backup(cls, node: Node, backup_dir: Path) -> OperatorUnit | None:
+        """None if the node had no unit file when it was backed up."""
+        unit = node.probe.files().unit
+        entry = load_manifest(backup_dir).entry(unit.name)
+        if entry is None:
+            return None
+        saved = backup_dir / entry.name
+        return cls(unit, saved, saved.read_text(encoding="utf-8", errors="replace"),
+                   entry.digest.sha256, entry.digest.mode)
+
+    def current(self) -> tuple[str, str]:
+        """(sha256, text) of the unit file now; ("", "") if there is none."""
+        try:
+            return sha256_file(self.path).sha256, self.path.read_text(encoding="utf-8",
+                                                                      errors="replace")
+        except FileNotFoundError:
+            return "", ""
+
+    def differs_in_program(self, theirs: str) -> bool:
+        return bool(theirs) and exec_binary(theirs) != exec_binary(self.text)
+
+    def put_back(self) -> None:
+        atomic_install(self.saved, self.path, self.mode)
+
+
+@contextlib.asynccontextmanager
+async def guard_unit(node: Node, backup_dir: Path) -> AsyncIterator[None]:
+    """While the body (keadm) runs, put the operator's unit back whenever keadm's
+    replaces it with one that runs the same program."""
+    unit = None
+    if node.config.preserve_unit:
+        unit = await asyncio.to_thread(OperatorUnit.from_backup, node, backup_dir)
+    if unit is None:
+        yield
+        return
+    task = asyncio.create_task(_watch(unit))
     try:
-        now_sha = (await asyncio.to_thread(sha256_file, unit)).sha256
-        theirs = unit.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        now_sha, theirs = "", ""
-    if now_sha == entry.digest.sha256:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _watch(unit: OperatorUnit) -> None:
+    seen: tuple[int, int, int] | None = None
+    while True:
+        await asyncio.sleep(POLL_SECONDS)
+        try:
+            st = unit.path.stat()
+        except FileNotFoundError:
+            continue  # keadm removed it (its stop step); wait for its own unit
+        if (st.st_ino, st.st_size, st.st_mtime_ns) == seen:
+            continue
+        try:
+            sha, text = unit.current()
+            if sha and sha != unit.sha256 and not unit.differs_in_program(text):
+                unit.put_back()
+                log.info("put the operator's unit back while keadm runs", unit=str(unit.path))
+            st = unit.path.stat()
+        except OSError as exc:
+            # Not fatal: after keadm the unit is checked again and put back there.
+            log.warning("cannot guard the operator's unit", unit=str(unit.path), error=str(exc))
+            return
+        seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+async def keep_operator_unit(node: Node, backup_dir: Path) -> str:
+    """After keadm: make sure edgecore runs under the operator's unit if it should;
+    say what happened ("" when there was nothing to do)."""
+    unit = await asyncio.to_thread(OperatorUnit.from_backup, node, backup_dir)
+    if unit is None:
         return ""
-    if not node.config.preserve_unit:
-        return f"keadm rewrote {unit}; kept keadm's unit (service.preserve_unit is off)"
-    ours = saved.read_text(encoding="utf-8", errors="replace")
-    if theirs and exec_binary(theirs) != exec_binary(ours):
-        return (f"keadm rewrote {unit} and its ExecStart runs {exec_binary(theirs)}, the "
-                f"operator's ran {exec_binary(ours)}: kept keadm's unit")
-    await asyncio.to_thread(atomic_install, saved, unit, entry.digest.mode)
+    sha, theirs = await asyncio.to_thread(unit.current)
+    if sha == unit.sha256:
+        if not await node.service.needs_reload():
+            return ""  # the guard won: edgecore started once, under the operator's unit
+        why = "the operator's unit was put back too late for keadm's daemon-reload"
+    elif not node.config.preserve_unit:
+        return f"keadm rewrote {unit.path}; kept keadm's unit (service.preserve_unit is off)"
+    elif unit.differs_in_program(theirs):
+        return (f"keadm rewrote {unit.path} and its ExecStart runs {exec_binary(theirs)}, the "
+                f"operator's ran {exec_binary(unit.text)}: kept keadm's unit")
+    else:
+        await asyncio.to_thread(unit.put_back)
+        why = f"keadm rewrote {unit.path}; the operator's unit was restored"
     await retry_transient("reload units", node.service.reload_units)
     await retry_transient("restart edgecore", node.service.restart)
-    return f"keadm rewrote {unit}; the operator's unit was restored and edgecore restarted"
+    return f"{why}; edgecore restarted under it"
