@@ -260,6 +260,7 @@ class Runner:
 
     async def _image_ready(self, job: Job) -> Job:
         assert job.from_version is not None
+        started = time.monotonic()
         try:
             # In a thread: a multi-gigabyte database must not stall the loop and the watchdog.
             manifest = await asyncio.to_thread(
@@ -274,7 +275,8 @@ class Runner:
             job.from_version)
         backup_dir = str(self.node.backup_root / job.from_version)
         return self.advance(job, State.BACKED_UP,
-                            f"backed up {manifest.size} bytes to {backup_dir}"
+                            f"backed up {manifest.size} bytes to {backup_dir} in "
+                            f"{time.monotonic() - started:.2f}s"
                             + (f" (pruned {', '.join(removed)})" if removed else ""),
                             action=(Action.BACKUP, True), notes={"backup": backup_dir})
 

@@ -49,6 +49,7 @@ import argparse
 import datetime as dt
 import itertools
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -177,11 +178,17 @@ def phase_times(host: EdgeHost, job: str, sent: float, done: float) -> dict[str,
         if event.get("job") == job and event.get("event") == "job state":
             when = dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
             stamps.setdefault(event["state"], when.timestamp())
+            if event["state"] == "backed_up":  # "... in 0.12s": the copy itself
+                copy = re.search(r" in ([0-9.]+)s", str(event.get("reason", "")))
+                if copy:
+                    stamps.setdefault("backup_copy_s", float(copy[1]))
     stamps["sent"], stamps["done"] = sent, done
     out = {}
     for (a, _), (b, name) in itertools.pairwise(PHASES):
         if a in stamps and b in stamps:
             out[name] = stamps[b] - stamps[a]
+    if "backup_copy_s" in stamps:
+        out["backup_copy"] = stamps["backup_copy_s"]
     return out
 
 
@@ -283,7 +290,7 @@ def main() -> int:
 
     keadm_wall, agent_wall = median(alone, "wall_s"), median(agent, "wall_s")
     overhead = agent_wall - keadm_wall - args.grace
-    names = [name for _, name in PHASES[1:]]
+    names = [name for _, name in PHASES[1:]] + ["backup_copy"]
     phases = {p: statistics.median(r["phases"].get(p, float("nan")) for r in agent)
               for p in names}
     result = {
