@@ -84,7 +84,9 @@ def sqlite_backup(src: Path, dst: Path) -> FileDigest:
     try:
         target = sqlite3.connect(dst)
         try:
-            source.backup(target, pages=4096)
+            # sleep: the wait after SQLITE_BUSY (edgecore mid-commit). Python's
+            # default of 0.25 s is most of a backup's time on a small database.
+            source.backup(target, pages=4096, sleep=0.005)
         finally:
             target.close()
     finally:
