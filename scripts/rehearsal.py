@@ -53,7 +53,7 @@ def wait(cond: Any, timeout: float = 120) -> None:
 
 
 def show(report: dict[str, Any]) -> None:
-    keys = ("sequence", "phase", "result", "fromVersion", "toVersion", "reason")
+    keys = ("sequence", "phase", "result", "fromVersion", "versionSource", "toVersion", "reason")
     line = {k: report[k] for k in keys if report.get(k) is not None}
     print(f"  {report['jobKey']}: " + json.dumps(line)[:220], flush=True)
 
