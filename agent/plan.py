@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.adapters.images import EDGECORE, KEADM, verify_digest
-from agent.adapters.keadm import InstallSpec, custom_argv, era, keadm_argv
+from agent.adapters.keadm import era
 from agent.errors import AgentError
 from agent.messages.commands import Command
 from agent.node import Node
+from agent.steps.install import installer_argv
 from agent.steps.precheck import CheckResult, run_prechecks
 from agent.versions import Decision, Version
 
@@ -70,16 +71,14 @@ async def make_plan(node: Node, cmd: Command) -> Plan:
     files = node.probe.files()
     from_version = str(report.detected.version) if report.detected else None
     staging = node.staging_dir(str(cmd.target))
-    spec = InstallSpec(
-        keadm=staging / "keadm",
-        from_version=report.detected.version if report.detected else Version(0, 0, 0),
-        to_version=cmd.target, image=cmd.image, edgecore_config=files.config,
-        upgrade_id=cmd.job_name, history_id=cmd.history_id, image_digest=cmd.image_digest,
-    )
-    template = node.config.installer(cmd.upgrade_tool) if cmd.upgrade_tool else None
-    argv = custom_argv(template, spec) if template else keadm_argv(spec)
-    installer = (f"custom installer {cmd.upgrade_tool}" if template
-                 else f"keadm era {era(cmd.target)}")
+    from_known = report.detected.version if report.detected else Version(0, 0, 0)
+    try:
+        argv = installer_argv(node, cmd, staging / "keadm", from_known)
+    except AgentError:
+        argv = []  # an unknown keadm era: the installer precheck says so
+    found = era(cmd.target)
+    installer = (f"custom installer {cmd.upgrade_tool}" if cmd.upgrade_tool
+                 else f"keadm era {found.name if found else 'unknown'}")
     backup_dir = node.backup_root / (from_version or "<unknown>")
     steps = (
         f"precheck: version policy, {', '.join(cmd.check_items) or 'no'} resource checks, "
@@ -87,8 +86,8 @@ async def make_plan(node: Node, cmd: Command) -> Plan:
         f"image: pull {ref}, extract {KEADM} and {EDGECORE} into {staging}",
         f"backup: {', '.join(str(p) for p in files.present())} -> {backup_dir}",
         f"install: {installer}, timeout {cmd.timeout_seconds}s",
-        f"verify: edgecore ({_service_name(node)}) active and stable for "
-        f"{node.config.health.grace_seconds:g}s at {cmd.target}",
+        f"verify: edgecore ({_service_name(node)}) runs the package's binary (sha256), "
+        f"logged Version: {cmd.target}, stable for {node.config.health.grace_seconds:g}s",
         "rollback on any failure after install: restore the backup, restart, re-verify",
     )
     if report.decision == Decision.SKIP:

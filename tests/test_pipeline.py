@@ -50,16 +50,37 @@ def test_successful_upgrade(sandbox: Sandbox) -> None:
 
 
 @pytest.mark.parametrize(("version", "expected"), [
+    ("v1.13.0", "upgrade --upgradeID"),
     ("v1.17.2", "--image kubeedge/installation-package:v1.17.2 --disable-backup"),
     ("v1.21.0", "upgrade edge --force --toVersion v1.21.0 --image kubeedge/installation-package"),
+    ("v1.13.0", "/bin/echo custom"),
 ])
-def test_keadm_argv_follows_target_era(sandbox: Sandbox, version: str, expected: str) -> None:
+def test_dry_run_prints_the_argv_that_runs(sandbox: Sandbox, version: str, expected: str) -> None:
+    """One assessment used twice: the plan's installer argv is the executed one."""
+    extra: list[str] = []
+    if expected.startswith("/bin/echo"):
+        sandbox.configure(installers={"echo-tool": ["/bin/echo", "custom", "{keadm}",
+                                                    "{to_version}", "{image}"]})
+        extra = ["--upgrade-tool", "echo-tool"]
     sandbox.image(version)
-    rc, out = sandbox.upgrade(version)
-    assert rc == 0, out
-    argv = installer_argv(sandbox, out["job"]["jobKey"])
-    assert expected in argv
-    assert ("--disable-backup" in argv) == version.startswith("v1.17")
+    _rc, dry = sandbox.upgrade(version, "--dry-run", *extra)
+    # The CLI names each job anew: the one difference allowed is the job name.
+    planned = " ".join(dry["plan"]["installerArgv"]).replace(dry["job"]["jobKey"], "JOB")
+    rc, out = sandbox.upgrade(version, *extra)
+    key = out["job"]["jobKey"]
+    ran = installer_argv(sandbox, key).removeprefix("$ ").replace(key, "JOB")
+    assert planned == ran and expected in ran, (planned, ran)
+    if not extra:
+        assert rc == 0, out
+        assert ("--disable-backup" in ran) == version.startswith("v1.17")
+
+
+def test_unknown_keadm_era_is_refused_before_anything(sandbox: Sandbox) -> None:
+    sandbox.image("v1.24.0")
+    rc, out = sandbox.upgrade("v1.24.0")
+    assert (rc, out["job"]["state"]) == (5, "failed"), out
+    assert "no built-in keadm command line for v1.24.0" in out["job"]["reason"]
+    assert not (sandbox.state_dir / "backups").exists()
 
 
 def test_skip_when_already_at_target(sandbox: Sandbox) -> None:

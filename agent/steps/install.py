@@ -14,19 +14,32 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from agent.adapters.service import pid_alive
+from agent.adapters.keadm import InstallSpec, custom_argv, keadm_argv
+from agent.adapters.procfs import live_processes, pid_alive
 from agent.errors import InstallError
+from agent.messages.commands import Command
+from agent.node import Node
+from agent.versions import Version
 
 TERM_GRACE_SECONDS = 5.0
 
 
-@dataclass(frozen=True)
-class InstallResult:
-    returncode: int
-    log_tail: str
+def installer_argv(node: Node, cmd: Command, keadm: Path, from_version: Version) -> list[str]:
+    """The installer's exact argv: the one the dry run prints is the one that runs."""
+    spec = InstallSpec(
+        keadm=keadm,
+        from_version=from_version,
+        to_version=cmd.target,
+        image=cmd.image,
+        edgecore_config=node.probe.files().config,
+        upgrade_id=cmd.job_name,
+        history_id=cmd.history_id,
+        image_digest=cmd.image_digest,
+    )
+    template = node.config.installer(cmd.upgrade_tool) if cmd.upgrade_tool else None
+    return custom_argv(template, spec) if template else keadm_argv(spec)
 
 
 def log_tail(path: Path, max_bytes: int = 4096, max_lines: int = 40) -> str:
@@ -46,7 +59,8 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
 
 
 async def run_installer(argv: list[str], log: Path, timeout: float,
-                        env: dict[str, str]) -> InstallResult:
+                        env: dict[str, str]) -> int:
+    """The installer's exit code; raises InstallError if it cannot start or times out."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         out.write(f"$ {' '.join(argv)}\n".encode())
@@ -74,40 +88,30 @@ async def run_installer(argv: list[str], log: Path, timeout: float,
         # Shutdown mid-install: kill it deliberately; recovery rolls back.
         _killpg(proc.pid, signal.SIGKILL)
         raise
-    return InstallResult(code, log_tail(log))
+    return code
 
 
 def kill_installers(program: Path) -> int:
     """Kill every session led by a leftover ``program`` (after an agent crash).
 
     Recovery never guesses that a keadm from before the crash finished: it
-    stops it first, then rolls back.
+    stops it first, then rolls back. Blocking (it waits for the kills): run it
+    in a thread.
     """
     killed: list[int] = []
     target = str(program).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, argv in live_processes():
         if target in argv[:2]:
-            sid = os.getsid(int(entry.name)) if _exists(int(entry.name)) else 0
+            try:
+                sid = os.getsid(pid)
+            except ProcessLookupError:
+                continue
             if sid > 1 and sid != os.getsid(0):
                 _killpg(sid, signal.SIGKILL)
-                killed.append(int(entry.name))
+                killed.append(pid)
     # SIGKILL is asynchronous; callers then check that no keadm is left.
     for _ in range(100):
         if not any(pid_alive(pid) for pid in killed):
             break
         time.sleep(0.02)
     return len(killed)
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from agent.adapters import resources
 from agent.adapters.edgecore import Detected
 from agent.adapters.files import tree_size
+from agent.adapters.keadm import era, unknown_era
 from agent.errors import AgentError, Busy
 from agent.locks import inspect_marker
 from agent.messages.commands import Command
@@ -131,6 +132,8 @@ async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
         if free >= needed else
         f"disk full: {free} bytes free on the backup filesystem, {needed} needed")
 
+    if not cmd.upgrade_tool and era(cmd.target) is None:
+        add("installer", False, unknown_era(cmd.target))
     if not cmd.upgrade_tool and await node.service.enabled_for_keadm() is False:
         # keadm greps `systemctl list-unit-files` for "edge" and then for "edgecore";
         # with edgecore's unit not enabled only edge-upgrade-agent.service matches,
