@@ -30,7 +30,7 @@ from agent.messages.commands import Command, Operation, build_command, new_job_n
 from agent.node import Node, build_node
 from agent.plan import GO, SKIP, make_plan
 from agent.runner import Runner
-from agent.states import State
+from agent.states import Note, State
 from agent.steps.backup import list_backups
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ROLLBACK_FAILED, EXIT_BUSY, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
@@ -49,7 +49,7 @@ def job_exit_code(job: Job) -> int:
         return EXIT_ROLLBACK_FAILED
     if job.state == State.REJECTED:
         return EXIT_USAGE
-    refusal = job.note("refusal")
+    refusal = job.note(Note.REFUSAL)
     if refusal == "busy":
         return EXIT_BUSY
     if job.command.dry_run or refusal == "precheck":

@@ -5,7 +5,8 @@ committed *before* the side effect it announces, so a crash at any point
 leaves a journal that says what may have happened. ``synchronous=FULL``
 because a lost state change after power loss could mean a lost rollback.
 The calls are synchronous: each is a local, sub-millisecond-to-fsync write,
-cheaper than a thread hop, and only the job runner writes.
+cheaper than a thread hop. The runner writes states; intake writes new jobs and
+answers (a refused cancel, a rejection), each in one transaction of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from agent.errors import JournalError
 from agent.messages.commands import Command
-from agent.states import TERMINAL, Action, State
+from agent.states import TERMINAL, Action, Note, State
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
@@ -56,6 +57,7 @@ CREATE TABLE IF NOT EXISTS seen(
 """
 
 ReportFn = Callable[["Job"], dict[str, Any]]
+
 
 
 def utc_now() -> str:
@@ -106,8 +108,8 @@ class Job:
     def entry_count(self, state: State) -> int:
         return dict(self.entries).get(state.value, 0)
 
-    def note(self, name: str) -> str | None:
-        return dict(self.notes).get(name)
+    def note(self, name: Note) -> str | None:
+        return dict(self.notes).get(name.value)
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.adapters.procfs import live_processes
 from agent.errors import Busy
 
 
@@ -65,21 +66,8 @@ class JobLock:
 
 def keadm_pids() -> list[int]:
     """Pids of running processes whose program is named ``keadm``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-            continue
-        names = [Path(a.decode(errors="replace")).name for a in argv[:2]]
-        if "keadm" in names:
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid, argv in live_processes()
+            if "keadm" in (Path(a.decode(errors="replace")).name for a in argv[:2])]
 
 
 @dataclass(frozen=True)

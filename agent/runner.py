@@ -20,7 +20,6 @@ from pathlib import Path
 import structlog
 
 from agent.adapters.edgecore import Detected
-from agent.adapters.keadm import InstallSpec, custom_argv, keadm_argv
 from agent.errors import AgentError, Busy, InstallError, InvalidCommand, PrecheckFailed
 from agent.faults import fault_point
 from agent.journal import ActionStatus, Job, utc_now
@@ -29,10 +28,10 @@ from agent.messages.commands import Command, Operation
 from agent.messages.reports import build_report
 from agent.node import RECORD_KEY, Node
 from agent.retry import retry_transient
-from agent.states import NODE_TOUCHED, Action, State
+from agent.states import NODE_TOUCHED, Action, Note, State
 from agent.steps.backup import list_backups, make_backup, prune_backups
 from agent.steps.image import stage_image
-from agent.steps.install import kill_installers, log_tail, run_installer
+from agent.steps.install import installer_argv, kill_installers, log_tail, run_installer
 from agent.steps.precheck import resolve_verdict, run_prechecks, unresolved_failure
 from agent.steps.rollback import roll_back
 from agent.steps.unit import guard_unit, keep_operator_unit
@@ -63,7 +62,7 @@ class Runner:
     # -- journal helpers ----------------------------------------------------
 
     def advance(self, job: Job, state: State, reason: str = "", *,
-                action: tuple[Action, bool] | None = None, notes: dict[str, str] | None = None,
+                action: tuple[Action, bool] | None = None, notes: dict[Note, str] | None = None,
                 log_tail: str | None = None) -> Job:
         """Commit the next state and its report in one transaction."""
         actions = job.actions
@@ -72,7 +71,7 @@ class Runner:
             actions += (ActionStatus(action[0], action[1], reason, utc_now(), extend),)
         entries = dict(job.entries)
         entries[state.value] = entries.get(state.value, 0) + 1
-        merged = {**dict(job.notes), **(notes or {})}
+        merged = {**dict(job.notes), **{k.value: v for k, v in (notes or {}).items()}}
         job = replace(job, state=state, reason=reason, actions=actions,
                       entries=tuple(sorted(entries.items())), notes=tuple(sorted(merged.items())))
         if job.terminal and log_tail is None:
@@ -84,7 +83,7 @@ class Runner:
         return job
 
     def _tail(self, job: Job) -> str | None:
-        path = job.note("log")
+        path = job.note(Note.LOG)
         return log_tail(Path(path)) if path and job.state != State.SUCCEEDED else None
 
     def submit(self, cmd: Command) -> tuple[Job, bool]:
@@ -183,7 +182,7 @@ class Runner:
             marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds)
         except Busy as exc:
             return self.advance(job, State.FAILED, exc.reason, action=(Action.CHECK, False),
-                                notes={"refusal": "busy"})
+                                notes={Note.REFUSAL: "busy"})
         if marker.stale:
             # Reported (journalled) first, then removed: a crash in between
             # leaves a stale marker to clear again, never an unreported removal.
@@ -197,7 +196,7 @@ class Runner:
             return await self._manual_rollback(job)
         if (blocked := unresolved_failure(self.node)) is not None:
             return self.advance(job, State.FAILED, blocked, action=(Action.CHECK, False),
-                                notes={"refusal": "precheck"})
+                                notes={Note.REFUSAL: "precheck"})
         detected = await self.node.probe.detect(use_record=False)
         if detected is not None:
             job = _with_version(job, detected)
@@ -211,18 +210,18 @@ class Runner:
             image_bytes = 0 if info.present_locally else info.size
         except AgentError as exc:
             return self.advance(job, State.FAILED, f"image: {exc.reason}",
-                                action=(Action.CHECK, False), notes={"refusal": "precheck"})
+                                action=(Action.CHECK, False), notes={Note.REFUSAL: "precheck"})
         report = await run_prechecks(self.node, cmd, image_bytes=image_bytes, lock_held=True,
                                      detected=detected)
         job = _with_version(job, report.detected)
         if not report.ok:
             return self.advance(job, State.FAILED, PrecheckFailed(report.failures()).reason,
-                                action=(Action.CHECK, False), notes={"refusal": "precheck"})
+                                action=(Action.CHECK, False), notes={Note.REFUSAL: "precheck"})
         return self.advance(job, State.PRECHECKED, "prechecks passed")
 
     async def _prechecked(self, job: Job) -> Job:
         cmd = job.command
-        if cmd.require_confirmation and job.note("confirmed") != "yes":
+        if cmd.require_confirmation and job.note(Note.CONFIRMED) != "yes":
             return self.advance(job, State.AWAITING_CONFIRMATION, "waiting for confirmation")
         try:
             staged = await stage_image(self.node, cmd, lambda msg: self._progress(job, msg))
@@ -232,8 +231,8 @@ class Runner:
         staged_why = "image staged" + (" (already staged from this digest: not extracted again)"
                                        if staged.reused else "")
         job = self.advance(job, job.state, staged_why, action=(Action.CHECK, True),
-                           notes={"keadm": str(staged.keadm), "digest": staged.info.digest,
-                                  "edgecore_sha256": staged.edgecore_sha256})
+                           notes={Note.KEADM: str(staged.keadm), Note.DIGEST: staged.info.digest,
+                                  Note.EDGECORE_SHA256: staged.edgecore_sha256})
         return self.advance(job, State.IMAGE_READY, f"image {staged.info.digest} ready",
                             action=(Action.WAITING_CONFIRMATION, True))
 
@@ -256,7 +255,7 @@ class Runner:
     def confirm(self, job: Job) -> Job:
         if job.state != State.AWAITING_CONFIRMATION:
             raise InvalidCommand(f"job {job.key} is {job.state.value}, not awaiting confirmation")
-        return self.advance(job, State.PRECHECKED, "confirmed", notes={"confirmed": "yes"})
+        return self.advance(job, State.PRECHECKED, "confirmed", notes={Note.CONFIRMED: "yes"})
 
     async def _image_ready(self, job: Job) -> Job:
         assert job.from_version is not None
@@ -278,44 +277,34 @@ class Runner:
                             f"backed up {manifest.size} bytes to {backup_dir} in "
                             f"{time.monotonic() - started:.2f}s"
                             + (f" (pruned {', '.join(removed)})" if removed else ""),
-                            action=(Action.BACKUP, True), notes={"backup": backup_dir})
+                            action=(Action.BACKUP, True), notes={Note.BACKUP: backup_dir})
 
     async def _backed_up(self, job: Job) -> Job:
         log_path = self.node.log_path(job.key)
         # Noted before the installer starts: recovery uses them to find and stop it.
         return self.advance(job, State.INSTALLING, "running installer",
-                            notes={"log": str(log_path), "installer": self._install_argv(job)[0],
-                                   "install_started": f"{time.time():.3f}"})
+                            notes={Note.LOG: str(log_path),
+                                   Note.INSTALLER: self._install_argv(job)[0],
+                                   Note.INSTALL_STARTED: f"{time.time():.3f}"})
 
     def _install_argv(self, job: Job) -> list[str]:
-        cmd = job.command
         assert job.from_version is not None
-        spec = InstallSpec(
-            keadm=Path(job.note("keadm") or ""),
-            from_version=Version.parse(job.from_version),
-            to_version=cmd.target,
-            image=cmd.image,
-            edgecore_config=self.node.probe.files().config,
-            upgrade_id=cmd.job_name,
-            history_id=cmd.history_id,
-            image_digest=cmd.image_digest,
-        )
-        template = self.node.config.installer(cmd.upgrade_tool) if cmd.upgrade_tool else None
-        return custom_argv(template, spec) if template else keadm_argv(spec)
+        return installer_argv(self.node, job.command, Path(job.note(Note.KEADM) or ""),
+                              Version.parse(job.from_version))
 
     async def _installing(self, job: Job) -> Job:
         argv = self._install_argv(job)
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "EDGE_UPGRADE_ROOT": str(self.node.config.paths.root), "LANG": "C.UTF-8"}
-        log_path = Path(job.note("log") or self.node.log_path(job.key))
-        backup = Path(job.note("backup") or "")
+        log_path = Path(job.note(Note.LOG) or self.node.log_path(job.key))
+        backup = Path(job.note(Note.BACKUP) or "")
         try:
             async with guard_unit(self.node, backup):
-                result = await run_installer(argv, log_path, job.command.timeout_seconds, env)
-            if result.returncode != 0:
-                raise InstallError(f"installer exited with code {result.returncode}")
+                code = await run_installer(argv, log_path, job.command.timeout_seconds, env)
+            if code != 0:
+                raise InstallError(f"installer exited with code {code}")
             unit = await keep_operator_unit(self.node, backup)
-            if await ensure_new_running(self.node, job.note("edgecore_sha256")):
+            if await ensure_new_running(self.node, job.note(Note.EDGECORE_SHA256)):
                 log.warning("edgecore still ran the old binary after the installer; restarted",
                             job=job.key)
         except AgentError as exc:
@@ -325,11 +314,12 @@ class Runner:
             return self.advance(job, State.ROLLING_BACK, f"install: {exc}",
                                 action=(Action.UPGRADE, False), log_tail=_tail_of(log_path))
         why = "installer finished; checking health" + (f" ({unit})" if unit else "")
-        return self.advance(job, State.VERIFYING, why, notes={"unit": unit} if unit else None)
+        return self.advance(job, State.VERIFYING, why, notes={Note.UNIT: unit} if unit else None)
 
     async def _verifying(self, job: Job) -> Job:
         try:
-            detail = await health_gate(self.node, job.command.target, job.note("edgecore_sha256"))
+            expected = job.note(Note.EDGECORE_SHA256)
+            detail = await health_gate(self.node, job.command.target, expected)
         except AgentError as exc:
             return self.advance(job, State.ROLLING_BACK, f"health: {exc.reason}",
                                 action=(Action.UPGRADE, False))
@@ -338,12 +328,12 @@ class Runner:
         return self.advance(job, State.SUCCEEDED, detail, action=(Action.UPGRADE, True))
 
     async def _rolling_back(self, job: Job) -> Job:
-        for program in {job.note("keadm"), job.note("installer")} - {None}:
-            if kill_installers(Path(str(program))):
+        for program in {job.note(Note.KEADM), job.note(Note.INSTALLER)} - {None}:
+            if await asyncio.to_thread(kill_installers, Path(str(program))):
                 log.warning("killed a leftover installer", job=job.key, program=program)
         self._clear_own_marker(job)
-        backup = job.note("backup")
-        restore = job.note("restore_version") or job.from_version
+        backup = job.note(Note.BACKUP)
+        restore = job.note(Note.RESTORE_VERSION) or job.from_version
         if backup is None or restore is None:
             return self.advance(job, State.ROLLBACK_FAILED, "no backup recorded for this job",
                                 action=(Action.ROLLBACK, False))
@@ -360,7 +350,7 @@ class Runner:
     def _clear_own_marker(self, job: Job) -> None:
         """Remove keadm's marker if our installer left it: written after we started
         it, and no keadm runs any more. Anyone else's marker stays."""
-        started = job.note("install_started")
+        started = job.note(Note.INSTALL_STARTED)
         try:
             mtime = self.node.keadm_marker.stat().st_mtime
         except FileNotFoundError:
@@ -379,14 +369,14 @@ class Runner:
         return self.advance(job, State.SUCCEEDED,
                             f"prepulled {staged.info.ref} ({staged.info.size} bytes, "
                             f"{staged.info.digest}) in {time.monotonic() - started:.1f}s",
-                            notes={"image_size": str(staged.info.size)})
+                            notes={Note.IMAGE_SIZE: str(staged.info.size)})
 
     def _resolve(self, job: Job) -> Job:
         """``resolve JOB``: the operator says the node a failed rollback left is repaired."""
         key = job.command.resolves
         state, reason = resolve_verdict(self.node, key)
         return self.advance(job, state, reason,
-                            notes={"refusal": "precheck"} if state == State.FAILED else None)
+                            notes={Note.REFUSAL: "precheck"} if state == State.FAILED else None)
 
     async def _manual_rollback(self, job: Job) -> Job:
         """``rollback [--to-version V]``: restore a backup (the newest by default)."""
@@ -396,21 +386,21 @@ class Runner:
         if target is None or target not in backups:
             what = f"no backup of {target}" if target else "no backups"
             return self.advance(job, State.FAILED, f"{what} in {root}",
-                                notes={"refusal": "precheck"})
+                                notes={Note.REFUSAL: "precheck"})
         detected = await self.node.probe.detect(use_record=False)
         current = str(detected.version) if detected else None
         job = _with_version(job, detected)
         return self.advance(job, State.ROLLING_BACK,
                             f"manual rollback from {current or 'unknown'} to {target}",
-                            notes={"backup": str(root / str(target)),
-                                   "restore_version": str(target)})
+                            notes={Note.BACKUP: str(root / str(target)),
+                                   Note.RESTORE_VERSION: str(target)})
 
 
 def _with_version(job: Job, detected: Detected | None) -> Job:
     """The detected version, and (for every later report) the source that answered."""
     if detected is None:
         return replace(job, from_version=None)
-    notes = {**dict(job.notes), "version_source": detected.source}
+    notes = {**dict(job.notes), Note.VERSION_SOURCE.value: detected.source}
     return replace(job, from_version=str(detected.version), notes=tuple(sorted(notes.items())))
 
 

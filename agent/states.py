@@ -76,3 +76,24 @@ def kubeedge_phase(state: State) -> str:
     if state in TERMINAL:
         return "Failure"
     return "InProgress"
+
+
+class Note(str, Enum):
+    """Keys of ``Job.notes``: facts a step leaves for later steps, recovery and reports.
+
+    Stored as their string values, so journals written before the enum read back.
+    """
+
+    REFUSAL = "refusal"  # why a job failed before touching the node: busy | precheck
+    CONFIRMED = "confirmed"  # "yes" once a requireConfirmation job was released
+    KEADM = "keadm"  # the staged keadm
+    DIGEST = "digest"  # the package image's digest
+    EDGECORE_SHA256 = "edgecore_sha256"  # the package's edgecore: what the health gate expects
+    VERSION_SOURCE = "version_source"  # which detection source gave fromVersion
+    BACKUP = "backup"  # the backup directory of this job
+    RESTORE_VERSION = "restore_version"  # a manual rollback's target
+    LOG = "log"  # the installer's log file
+    INSTALLER = "installer"  # the installer program (recovery kills leftovers of it)
+    INSTALL_STARTED = "install_started"  # when it started (whose keadm marker is whose)
+    UNIT = "unit"  # what happened to the operator's unit
+    IMAGE_SIZE = "image_size"  # a prepull's image size

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from agent.adapters.files import sha256_file
+from agent.adapters.procfs import started_at
 from agent.adapters.service import ServiceManager
 from agent.config import Config
 from agent.errors import InvalidCommand
@@ -237,7 +238,7 @@ def running_sha256(pid: int) -> str | None:
                 _RUNNING[key] = sha256_file(proc / "exe").sha256
             return _RUNNING[key]
         # The start time is known to a second (btime), hence the margin.
-        if script.stat().st_ctime > _started_at(pid) + 1.0:
+        if script.stat().st_ctime > started_at(pid) + 1.0:
             return None  # replaced after start: the process runs something older
         return sha256_file(script).sha256
     except (OSError, IndexError, ValueError):
@@ -253,15 +254,6 @@ def _is_script(path: Path) -> bool:
             return f.read(2) == b"#!"
     except OSError:
         return False
-
-
-def _started_at(pid: int) -> float:
-    """Wall-clock start of ``pid`` (field 22 of /proc/<pid>/stat, in ticks since boot)."""
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(stat[19])
-    btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                 if line.startswith("btime "))
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _parse(text: str) -> Version | None:

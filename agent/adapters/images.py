@@ -3,7 +3,7 @@
 An installation-package image is, to the agent, a source of two files:
 ``/usr/local/bin/keadm`` (whose CLI matches the target version) and
 ``/usr/local/bin/edgecore``. The docker backend (issue 4) and a containerd
-one (later) implement the same three calls; the local backend reads an
+one (later) implement the same four calls; the local backend reads an
 unpacked image tree ``<local_dir>/<repo>/<tag>/usr/local/bin/…`` so the
 pipeline can be tested and rehearsed without a container engine.
 """

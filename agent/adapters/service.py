@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from agent.adapters.procfs import pid_alive
 from agent.errors import TransientError
 
 # klog's header: severity, MMDD, time, pid (right-aligned), file:line], message.
@@ -179,14 +180,6 @@ class SystemctlManager:
                 proc.kill()
             await proc.wait()
         return version_in_log(lines, status.main_pid)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 class ProcessManager:

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent.messages.commands import Operation
-from agent.states import State, kubeedge_phase, kubeedge_result
+from agent.states import Note, State, kubeedge_phase, kubeedge_result
 
 if TYPE_CHECKING:
     from agent.journal import Job
@@ -43,7 +43,7 @@ def build_report(job: Job, *, log_tail: str | None = None,
         "result": result if job.terminal else None,
         "reason": job.reason,
         "fromVersion": job.from_version,
-        "versionSource": job.note("version_source"),
+        "versionSource": job.note(Note.VERSION_SOURCE),
         "toVersion": str(cmd.version) if cmd.version else None,
         "actionFlow": [a.to_dict() for a in job.actions],
         "rehearsal": cmd.dry_run,
@@ -55,6 +55,3 @@ def build_report(job: Job, *, log_tail: str | None = None,
         report["plan"] = plan
     return report
 
-
-def is_failure(state: State) -> bool:
-    return state in (State.FAILED, State.ROLLED_BACK, State.ROLLBACK_FAILED, State.REJECTED)
