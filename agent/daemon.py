@@ -40,7 +40,7 @@ class Daemon:
     def __init__(self, node: Node, intake: Intake) -> None:
         self.node = node
         self.runner = Runner(node)
-        self.intake_parser = intake
+        self.parser = intake  # parse, authenticate, validate: the one gate for messages
         self.transport: Transport | None = None
         self.queue: asyncio.Queue[str] = asyncio.Queue()  # keys of jobs to run
         self.reports_pending = asyncio.Event()
@@ -54,7 +54,7 @@ class Daemon:
 
     # -- commands in --------------------------------------------------------
 
-    async def intake(self) -> None:
+    async def take_commands(self) -> None:
         async for msg in self.link.commands():
             try:
                 rehearsal = self.accept(msg)
@@ -79,7 +79,7 @@ class Daemon:
         Returns a command to rehearse (which intake journals before the ack).
         """
         try:
-            accepted = self.intake_parser.parse(msg.payload, msg.source)
+            accepted = self.parser.parse(msg.payload, msg.source)
             op = accepted.command.operation
             if accepted.command.dry_run and op in (Operation.ROLLBACK, Operation.RESOLVE):
                 raise InvalidCommand(f"{op.value} has no dry run; use check or status")
@@ -288,7 +288,7 @@ async def run_daemon(config: Config) -> int:
     sd_notify("READY=1\nSTATUS=ready")
     log.info("agent ready", version=__version__, node=config.node_name,
              transport=config.transport.kind)
-    tasks = [daemon.link.run(), daemon.intake(), daemon.worker(), daemon.reporter(),
+    tasks = [daemon.link.run(), daemon.take_commands(), daemon.worker(), daemon.reporter(),
              stop.wait()]
     if (interval := watchdog_interval()) is not None:
         tasks.append(daemon.watchdog(interval))
