@@ -46,13 +46,14 @@ class Runner:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.handlers: dict[State, Handler] = {
-            State.RECEIVED: self._received,
-            State.PRECHECKED: self._prechecked,
-            State.IMAGE_READY: self._image_ready,
-            State.BACKED_UP: self._backed_up,
-            State.INSTALLING: self._installing,
-            State.VERIFYING: self._verifying,
-            State.ROLLING_BACK: self._rolling_back,
+            # The state a job is in -> the work that state stands for.
+            State.RECEIVED: self._check,
+            State.PRECHECKED: self._stage,
+            State.IMAGE_READY: self._back_up,
+            State.BACKED_UP: self._hand_over,
+            State.INSTALLING: self._install,
+            State.VERIFYING: self._verify,
+            State.ROLLING_BACK: self._roll_back,
         }
         # Cancels for the job being run, honoured between handlers (never mid-step).
         self.cancel_requests: set[str] = set()
@@ -135,14 +136,28 @@ class Runner:
             self.node.journal.delete_meta(f"cancel:{key}")
         return pending
 
-    def _break_loop(self, job: Job) -> Job:
-        reason = (f"loop breaker: state {job.state.value} entered "
-                  f"{job.entry_count(job.state)} times")
+    def fail(self, job: Job, reason: str, *, check: Action | None = None,
+             refusal: str | None = None, log_tail: str | None = None) -> Job:
+        """The one failure rule (Mender's HandleError): ``failed`` before the node is
+        touched, ``rolling_back`` after, ``rollback_failed`` when the rollback fails.
+
+        Handlers only say why; ``check`` is the action a failure before the node is
+        touched is recorded as (Check, BackUp), ``refusal`` the exit code's kind.
+        """
+        action: Action | None
         if job.state == State.ROLLING_BACK:
-            return self.advance(job, State.ROLLBACK_FAILED, reason, action=(Action.ROLLBACK, False))
-        if job.state in NODE_TOUCHED:
-            return self.advance(job, State.ROLLING_BACK, reason, action=(Action.UPGRADE, False))
-        return self.advance(job, State.FAILED, reason)
+            state, action = State.ROLLBACK_FAILED, Action.ROLLBACK
+        elif job.state in NODE_TOUCHED:
+            state, action = State.ROLLING_BACK, Action.UPGRADE
+        else:
+            state, action = State.FAILED, check
+        return self.advance(job, state, reason, action=(action, False) if action else None,
+                            notes={Note.REFUSAL: refusal} if refusal else None,
+                            log_tail=log_tail)
+
+    def _break_loop(self, job: Job) -> Job:
+        return self.fail(job, f"loop breaker: state {job.state.value} entered "
+                              f"{job.entry_count(job.state)} times")
 
     def recover(self, why: str = "agent restarted") -> list[Job]:
         """Apply the recovery table to every job a crash left non-terminal.
@@ -162,8 +177,7 @@ class Runner:
         """Re-enter ``job`` after an interruption, per the recovery table."""
         if job.state == State.INSTALLING:
             # Never guess that keadm finished: stop whatever is left and roll back.
-            return self.advance(job, State.ROLLING_BACK, f"{why} during install; rolling back",
-                                action=(Action.UPGRADE, False))
+            return self.fail(job, f"{why} during install; rolling back")
         if job.state == State.AWAITING_CONFIRMATION:
             return job
         # The re-entry is journalled, so the loop breaker sees repeated interruptions.
@@ -171,7 +185,7 @@ class Runner:
 
     # -- handlers -----------------------------------------------------------
 
-    async def _received(self, job: Job) -> Job:
+    async def _check(self, job: Job) -> Job:
         cmd = job.command
         if cmd.operation == Operation.PREPULL:
             return await self._prepull(job)
@@ -181,8 +195,7 @@ class Runner:
             # A keadm at work (ours or anyone's) rules out an upgrade and a rollback alike.
             marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds)
         except Busy as exc:
-            return self.advance(job, State.FAILED, exc.reason, action=(Action.CHECK, False),
-                                notes={Note.REFUSAL: "busy"})
+            return self.fail(job, exc.reason, check=Action.CHECK, refusal="busy")
         if marker.stale:
             # Reported (journalled) first, then removed: a crash in between
             # leaves a stale marker to clear again, never an unreported removal.
@@ -195,8 +208,7 @@ class Runner:
         if cmd.operation == Operation.ROLLBACK:
             return await self._manual_rollback(job)
         if (blocked := unresolved_failure(self.node)) is not None:
-            return self.advance(job, State.FAILED, blocked, action=(Action.CHECK, False),
-                                notes={Note.REFUSAL: "precheck"})
+            return self.fail(job, blocked, check=Action.CHECK, refusal="precheck")
         detected = await self.node.probe.detect(use_record=False)
         if detected is not None:
             job = _with_version(job, detected)
@@ -209,25 +221,23 @@ class Runner:
             info = await retry_transient(f"look up {ref}", lambda: self.node.images.inspect(ref))
             image_bytes = 0 if info.present_locally else info.size
         except AgentError as exc:
-            return self.advance(job, State.FAILED, f"image: {exc.reason}",
-                                action=(Action.CHECK, False), notes={Note.REFUSAL: "precheck"})
+            return self.fail(job, f"image: {exc.reason}", check=Action.CHECK, refusal="precheck")
         report = await run_prechecks(self.node, cmd, image_bytes=image_bytes, lock_held=True,
                                      detected=detected)
         job = _with_version(job, report.detected)
         if not report.ok:
-            return self.advance(job, State.FAILED, PrecheckFailed(report.failures()).reason,
-                                action=(Action.CHECK, False), notes={Note.REFUSAL: "precheck"})
+            return self.fail(job, PrecheckFailed(report.failures()).reason, check=Action.CHECK,
+                             refusal="precheck")
         return self.advance(job, State.PRECHECKED, "prechecks passed")
 
-    async def _prechecked(self, job: Job) -> Job:
+    async def _stage(self, job: Job) -> Job:
         cmd = job.command
         if cmd.require_confirmation and job.note(Note.CONFIRMED) != "yes":
             return self.advance(job, State.AWAITING_CONFIRMATION, "waiting for confirmation")
         try:
             staged = await stage_image(self.node, cmd, lambda msg: self._progress(job, msg))
         except AgentError as exc:
-            return self.advance(job, State.FAILED, f"image: {exc.reason}",
-                                action=(Action.CHECK, False))
+            return self.fail(job, f"image: {exc.reason}", check=Action.CHECK)
         staged_why = "image staged" + (" (already staged from this digest: not extracted again)"
                                        if staged.reused else "")
         job = self.advance(job, job.state, staged_why, action=(Action.CHECK, True),
@@ -250,14 +260,14 @@ class Runner:
             log.warning("cancel refused", job=job.key, state=job.state.value)
             return self.node.journal.event(
                 job.key, lambda j: build_report(replace(j, reason=why)))
-        return self.advance(job, State.FAILED, "cancelled by the operator before installing")
+        return self.fail(job, "cancelled by the operator before installing")
 
     def confirm(self, job: Job) -> Job:
         if job.state != State.AWAITING_CONFIRMATION:
             raise InvalidCommand(f"job {job.key} is {job.state.value}, not awaiting confirmation")
         return self.advance(job, State.PRECHECKED, "confirmed", notes={Note.CONFIRMED: "yes"})
 
-    async def _image_ready(self, job: Job) -> Job:
+    async def _back_up(self, job: Job) -> Job:
         assert job.from_version is not None
         started = time.monotonic()
         try:
@@ -265,10 +275,9 @@ class Runner:
             manifest = await asyncio.to_thread(
                 make_backup, self.node.backup_root, job.from_version, self.node.probe.files())
         except AgentError as exc:
-            return self.advance(job, State.FAILED, f"backup: {exc.reason}",
-                                action=(Action.BACKUP, False))
+            return self.fail(job, f"backup: {exc.reason}", check=Action.BACKUP)
         except OSError as exc:
-            return self.advance(job, State.FAILED, f"backup: {exc}", action=(Action.BACKUP, False))
+            return self.fail(job, f"backup: {exc}", check=Action.BACKUP)
         removed = await asyncio.to_thread(
             prune_backups, self.node.backup_root, self.node.config.keep_backups,
             job.from_version)
@@ -279,7 +288,7 @@ class Runner:
                             + (f" (pruned {', '.join(removed)})" if removed else ""),
                             action=(Action.BACKUP, True), notes={Note.BACKUP: backup_dir})
 
-    async def _backed_up(self, job: Job) -> Job:
+    async def _hand_over(self, job: Job) -> Job:
         log_path = self.node.log_path(job.key)
         # Noted before the installer starts: recovery uses them to find and stop it.
         return self.advance(job, State.INSTALLING, "running installer",
@@ -292,7 +301,7 @@ class Runner:
         return installer_argv(self.node, job.command, Path(job.note(Note.KEADM) or ""),
                               Version.parse(job.from_version))
 
-    async def _installing(self, job: Job) -> Job:
+    async def _install(self, job: Job) -> Job:
         argv = self._install_argv(job)
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "EDGE_UPGRADE_ROOT": str(self.node.config.paths.root), "LANG": "C.UTF-8"}
@@ -308,26 +317,23 @@ class Runner:
                 log.warning("edgecore still ran the old binary after the installer; restarted",
                             job=job.key)
         except AgentError as exc:
-            return self.advance(job, State.ROLLING_BACK, f"install: {exc.reason}",
-                                action=(Action.UPGRADE, False), log_tail=_tail_of(log_path))
+            return self.fail(job, f"install: {exc.reason}", log_tail=log_tail(log_path))
         except OSError as exc:
-            return self.advance(job, State.ROLLING_BACK, f"install: {exc}",
-                                action=(Action.UPGRADE, False), log_tail=_tail_of(log_path))
+            return self.fail(job, f"install: {exc}", log_tail=log_tail(log_path))
         why = "installer finished; checking health" + (f" ({unit})" if unit else "")
         return self.advance(job, State.VERIFYING, why, notes={Note.UNIT: unit} if unit else None)
 
-    async def _verifying(self, job: Job) -> Job:
+    async def _verify(self, job: Job) -> Job:
         try:
             expected = job.note(Note.EDGECORE_SHA256)
             detail = await health_gate(self.node, job.command.target, expected)
         except AgentError as exc:
-            return self.advance(job, State.ROLLING_BACK, f"health: {exc.reason}",
-                                action=(Action.UPGRADE, False))
+            return self.fail(job, f"health: {exc.reason}")
         self.node.journal.set_meta(RECORD_KEY, str(job.command.target))
         shutil.rmtree(self.node.staging_dir(str(job.command.target)), ignore_errors=True)
         return self.advance(job, State.SUCCEEDED, detail, action=(Action.UPGRADE, True))
 
-    async def _rolling_back(self, job: Job) -> Job:
+    async def _roll_back(self, job: Job) -> Job:
         for program in {job.note(Note.KEADM), job.note(Note.INSTALLER)} - {None}:
             if await asyncio.to_thread(kill_installers, Path(str(program))):
                 log.warning("killed a leftover installer", job=job.key, program=program)
@@ -335,14 +341,12 @@ class Runner:
         backup = job.note(Note.BACKUP)
         restore = job.note(Note.RESTORE_VERSION) or job.from_version
         if backup is None or restore is None:
-            return self.advance(job, State.ROLLBACK_FAILED, "no backup recorded for this job",
-                                action=(Action.ROLLBACK, False))
+            return self.fail(job, "no backup recorded for this job")
         cause = job.reason
         try:
             detail = await roll_back(self.node, Path(backup), Version.parse(restore))
         except AgentError as exc:
-            return self.advance(job, State.ROLLBACK_FAILED, f"{cause}; {exc.reason}",
-                                action=(Action.ROLLBACK, False))
+            return self.fail(job, f"{cause}; {exc.reason}")
         self.node.journal.set_meta(RECORD_KEY, restore)
         return self.advance(job, State.ROLLED_BACK, f"{cause}; rolled back: {detail}",
                             action=(Action.ROLLBACK, True))
@@ -365,7 +369,7 @@ class Runner:
             staged = await stage_image(self.node, job.command,
                                        lambda msg: self._progress(job, msg))
         except AgentError as exc:
-            return self.advance(job, State.FAILED, f"prepull: {exc.reason}")
+            return self.fail(job, f"prepull: {exc.reason}")
         return self.advance(job, State.SUCCEEDED,
                             f"prepulled {staged.info.ref} ({staged.info.size} bytes, "
                             f"{staged.info.digest}) in {time.monotonic() - started:.1f}s",
@@ -375,8 +379,9 @@ class Runner:
         """``resolve JOB``: the operator says the node a failed rollback left is repaired."""
         key = job.command.resolves
         state, reason = resolve_verdict(self.node, key)
-        return self.advance(job, state, reason,
-                            notes={Note.REFUSAL: "precheck"} if state == State.FAILED else None)
+        if state == State.FAILED:
+            return self.fail(job, reason, refusal="precheck")
+        return self.advance(job, state, reason)
 
     async def _manual_rollback(self, job: Job) -> Job:
         """``rollback [--to-version V]``: restore a backup (the newest by default)."""
@@ -385,8 +390,7 @@ class Runner:
         target = job.command.version or (backups[-1] if backups else None)
         if target is None or target not in backups:
             what = f"no backup of {target}" if target else "no backups"
-            return self.advance(job, State.FAILED, f"{what} in {root}",
-                                notes={Note.REFUSAL: "precheck"})
+            return self.fail(job, f"{what} in {root}", refusal="precheck")
         detected = await self.node.probe.detect(use_record=False)
         current = str(detected.version) if detected else None
         job = _with_version(job, detected)
@@ -403,6 +407,3 @@ def _with_version(job: Job, detected: Detected | None) -> Job:
     notes = {**dict(job.notes), Note.VERSION_SOURCE.value: detected.source}
     return replace(job, from_version=str(detected.version), notes=tuple(sorted(notes.items())))
 
-
-def _tail_of(path: Path) -> str:
-    return log_tail(path)

@@ -193,7 +193,7 @@ def test_backup_runs_off_the_event_loop(sandbox: Sandbox, monkeypatch: pytest.Mo
                 ticked.set()
 
             ticker = asyncio.create_task(tick())
-            done = await Runner(node)._image_ready(job)
+            done = await Runner(node)._back_up(job)
             await ticker
             return done
 
