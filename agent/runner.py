@@ -308,11 +308,11 @@ class Runner:
         log_path = Path(job.note(Note.LOG) or self.node.log_path(job.key))
         backup = Path(job.note(Note.BACKUP) or "")
         try:
-            async with guard_unit(self.node, backup):
+            async with guard_unit(self.node, backup) as guard:
                 code = await run_installer(argv, log_path, job.command.timeout_seconds, env)
             if code != 0:
                 raise InstallError(f"installer exited with code {code}")
-            unit = await keep_operator_unit(self.node, backup)
+            unit = await keep_operator_unit(self.node, backup, guard)
             if await ensure_new_running(self.node, job.note(Note.EDGECORE_SHA256)):
                 log.warning("edgecore still ran the old binary after the installer; restarted",
                             job=job.key)

@@ -45,13 +45,12 @@ DEFAULT_DB = "/var/lib/kubeedge/edgecore.db"
 _VERSION_BYTES = re.compile(rb"v\d+\.\d+\.\d+")
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | {0x09}
 SHA_KEY = "edgecore_sha256:"  # journal meta: sha256 of a package's edgecore -> version
-TRUSTED_SOURCES = ("journal", "log", "config", "metaserver", "package", "binary")
 
 
 @dataclass(frozen=True)
 class Detected:
     version: Version
-    source: str  # one of TRUSTED_SOURCES, or "record"
+    source: str  # journal | log | config | metaserver | package | binary | record
 
 
 @dataclass(frozen=True)
@@ -179,17 +178,13 @@ class EdgecoreProbe:
         kubelet = _find_key(node, ("kubeletVersion",))
         return version_from_kubelet(kubelet) if isinstance(kubelet, str) else None
 
-    async def binary_sha256(self, path: Path | None = None) -> str | None:
-        path = path or self.files().binary
+    async def from_package(self) -> Version | None:
         try:
-            return await asyncio.to_thread(
-                self._cache.get, "sha256", path, lambda p: sha256_file(p).sha256)
+            sha = await asyncio.to_thread(
+                self._cache.get, "sha256", self.files().binary, lambda p: sha256_file(p).sha256)
         except OSError:
             return None
-
-    async def from_package(self) -> Version | None:
-        sha = await self.binary_sha256()
-        text = self.known_sha(sha) if sha else None
+        text = self.known_sha(sha)
         return _parse(text) if text else None
 
     async def from_binary(self) -> Version | None:

@@ -89,26 +89,32 @@ class OperatorUnit:
         atomic_install(self.saved, self.path, self.mode)
 
 
+@dataclass
+class Guard:
+    put_back: bool = False  # the operator's unit was written back while keadm ran
+
+
 @contextlib.asynccontextmanager
-async def guard_unit(node: Node, backup_dir: Path) -> AsyncIterator[None]:
+async def guard_unit(node: Node, backup_dir: Path) -> AsyncIterator[Guard]:
     """While the body (keadm) runs, put the operator's unit back whenever keadm's
     replaces it with one that runs the same program."""
+    guard = Guard()
     unit = None
     if node.config.preserve_unit:
         unit = await asyncio.to_thread(OperatorUnit.from_backup, node, backup_dir)
     if unit is None:
-        yield
+        yield guard
         return
-    task = asyncio.create_task(_watch(unit))
+    task = asyncio.create_task(_watch(unit, guard))
     try:
-        yield
+        yield guard
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
 
-async def _watch(unit: OperatorUnit) -> None:
+async def _watch(unit: OperatorUnit, guard: Guard) -> None:
     seen: tuple[int, int, int] | None = None
     while True:
         await asyncio.sleep(POLL_SECONDS)
@@ -122,6 +128,7 @@ async def _watch(unit: OperatorUnit) -> None:
             sha, text = unit.current()
             if sha and sha != unit.sha256 and not unit.differs_in_program(text):
                 unit.put_back()
+                guard.put_back = True
                 log.info("put the operator's unit back while keadm runs", unit=str(unit.path))
             st = unit.path.stat()
         except OSError as exc:
@@ -131,19 +138,22 @@ async def _watch(unit: OperatorUnit) -> None:
         seen = (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-async def keep_operator_unit(node: Node, backup_dir: Path) -> str:
+async def keep_operator_unit(node: Node, backup_dir: Path, guard: Guard) -> str:
     """After keadm: make sure edgecore runs under the operator's unit if it should;
     say what happened ("" when there was nothing to do)."""
-    unit = await asyncio.to_thread(OperatorUnit.from_backup, node, backup_dir)
+    if not node.config.preserve_unit:
+        unit = None
+    else:
+        unit = await asyncio.to_thread(OperatorUnit.from_backup, node, backup_dir)
     if unit is None:
         return ""
     sha, theirs = await asyncio.to_thread(unit.current)
     if sha == unit.sha256:
-        if not await node.service.needs_reload():
-            return ""  # the guard won: edgecore started once, under the operator's unit
+        # Only a unit we wrote back can have missed keadm's reload; an operator's own
+        # pending edit is not ours to apply with a restart.
+        if not guard.put_back or not await node.service.needs_reload():
+            return ""  # untouched, or the guard won: edgecore started under it
         why = "the operator's unit was put back too late for keadm's daemon-reload"
-    elif not node.config.preserve_unit:
-        return f"keadm rewrote {unit.path}; kept keadm's unit (service.preserve_unit is off)"
     elif unit.differs_in_program(theirs):
         return (f"keadm rewrote {unit.path} and its ExecStart runs {exec_binary(theirs)}, the "
                 f"operator's ran {exec_binary(unit.text)}: kept keadm's unit")

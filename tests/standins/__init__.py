@@ -22,7 +22,6 @@ import yaml
 from agent.adapters.service import version_in_log
 
 __all__ = [
-    "VERSION_LINE",
     "edgecore_pid",
     "logged_version",
     "make_image_dir",
@@ -41,9 +40,6 @@ _PIDFILE = Path("run", "edgecore.pid")
 _LOG = Path("var", "log", "edgecore.log")
 # The klog line every edgecore (real or stand-in) logs first at start, e.g.
 # "I1130 15:06:04.800382   30539 server.go:103] Version: v1.13.0" (pid after the time).
-VERSION_LINE = re.compile(
-    r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +(?P<pid>\d+) [^\]]*\] Version: (?P<version>v\S+)$"
-)
 # What a stand-in may be built as: a tag, printable, one line.
 _VERSION_TEXT = re.compile(r"v\d+\.\d+\.\d+[0-9A-Za-z.+-]*")
 
