@@ -141,13 +141,13 @@ async def _watch(unit: OperatorUnit, guard: Guard) -> None:
 async def keep_operator_unit(node: Node, backup_dir: Path, guard: Guard) -> str:
     """After keadm: make sure edgecore runs under the operator's unit if it should;
     say what happened ("" when there was nothing to do)."""
-    if not node.config.preserve_unit:
-        unit = None
-    else:
-        unit = await asyncio.to_thread(OperatorUnit.from_backup, node, backup_dir)
+    unit = await asyncio.to_thread(OperatorUnit.from_backup, node, backup_dir)
     if unit is None:
         return ""
     sha, theirs = await asyncio.to_thread(unit.current)
+    if not node.config.preserve_unit:
+        return "" if sha == unit.sha256 else \
+            f"keadm rewrote {unit.path}; kept keadm's unit (service.preserve_unit is off)"
     if sha == unit.sha256:
         # Only a unit we wrote back can have missed keadm's reload; an operator's own
         # pending edit is not ours to apply with a restart.
