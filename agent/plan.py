@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.adapters.images import EDGECORE, KEADM, verify_digest
+from agent.adapters.images import EDGECORE, KEADM
 from agent.adapters.keadm import era
 from agent.errors import AgentError
 from agent.messages.commands import Command
 from agent.node import Node
 from agent.steps.install import installer_argv
-from agent.steps.precheck import CheckResult, run_prechecks
-from agent.versions import Decision, Version
+from agent.steps.precheck import CheckResult, assess
+from agent.versions import Version
 
 GO, NO_GO, SKIP = "GO", "NO-GO", "SKIP"
 
@@ -55,31 +55,44 @@ class Plan:
 
 async def make_plan(node: Node, cmd: Command) -> Plan:
     ref = cmd.image.with_tag(str(cmd.target))
-    image: dict[str, Any] = {"reference": str(ref)}
-    image_bytes = 0
-    extra: list[CheckResult] = []
-    try:
-        info = await node.images.inspect(ref)
-        verify_digest(info, cmd.image_digest)
-        image |= {"digest": info.digest, "size": info.size, "presentLocally": info.present_locally}
-        image_bytes = 0 if info.present_locally else info.size
-        extra.append(CheckResult("image", True, f"{ref} exists, digest {info.digest}"))
-    except AgentError as exc:
-        extra.append(CheckResult("image", False, exc.reason))
-    report = await run_prechecks(node, cmd, image_bytes=image_bytes)
-    checks = report.checks + tuple(extra)
-    files = node.probe.files()
-    from_version = str(report.detected.version) if report.detected else None
     staging = node.staging_dir(str(cmd.target))
-    from_known = report.detected.version if report.detected else Version(0, 0, 0)
+    files = node.probe.files()
+    found = await assess(node, cmd)
+    from_version = str(found.detected.version) if found.detected else None
+    backup_dir = node.backup_root / (from_version or "<unknown>")
+    paths = {
+        "edgecoreBinary": str(files.binary),
+        "edgecoreConfig": str(files.config),
+        "edgecoreDb": str(files.db),
+        "backupDir": str(backup_dir),
+        "staging": str(staging),
+        "keadmMarker": str(node.keadm_marker),
+        "stateDir": str(node.state_dir),
+    }
+    if found.report is None:
+        # The run decides a skip before anything else, so the plan shows nothing else.
+        source = found.detected.source if found.detected else "?"
+        return Plan(
+            verdict=SKIP, reason=f"already at {cmd.target}", from_version=from_version,
+            to_version=str(cmd.target),
+            checks=(CheckResult("edgecore", True, f"{cmd.target} (from {source})"),),
+            steps=(f"skip: edgecore already runs {cmd.target}; nothing is changed",), argv=(),
+            backup_bytes=0, free_bytes=0, needed_bytes=0, image={"reference": str(ref)},
+            paths=paths)
+    report = found.report
+    image: dict[str, Any] = {"reference": str(ref)}
+    if found.image is not None:
+        info = found.image
+        image |= {"digest": info.digest, "size": info.size, "presentLocally": info.present_locally}
+    checks = report.checks + ((found.image_check,) if found.image_check else ())
+    from_known = found.detected.version if found.detected else Version(0, 0, 0)
     try:
         argv = installer_argv(node, cmd, staging / "keadm", from_known)
     except AgentError:
         argv = []  # an unknown keadm era: the installer precheck says so
-    found = era(cmd.target)
+    era_found = era(cmd.target)
     installer = (f"custom installer {cmd.upgrade_tool}" if cmd.upgrade_tool
-                 else f"keadm era {found.name if found else 'unknown'}")
-    backup_dir = node.backup_root / (from_version or "<unknown>")
+                 else f"keadm era {era_found.name if era_found else 'unknown'}")
     steps = (
         f"precheck: version policy, {', '.join(cmd.check_items) or 'no'} resource checks, "
         "free space, locks",
@@ -90,9 +103,7 @@ async def make_plan(node: Node, cmd: Command) -> Plan:
         f"logged Version: {cmd.target}, stable for {node.config.health.grace_seconds:g}s",
         "rollback on any failure after install: restore the backup, restart, re-verify",
     )
-    if report.decision == Decision.SKIP:
-        verdict, reason = SKIP, f"already at {cmd.target}"
-    elif all(c.ok for c in checks):
+    if all(c.ok for c in checks):
         verdict, reason = GO, "all checks passed"
     else:
         verdict = NO_GO
@@ -101,15 +112,7 @@ async def make_plan(node: Node, cmd: Command) -> Plan:
         verdict=verdict, reason=reason, from_version=from_version, to_version=str(cmd.target),
         checks=checks, steps=steps, argv=tuple(argv), backup_bytes=report.backup_bytes,
         free_bytes=report.free_bytes, needed_bytes=report.needed_bytes, image=image,
-        paths={
-            "edgecoreBinary": str(files.binary),
-            "edgecoreConfig": str(files.config),
-            "edgecoreDb": str(files.db),
-            "backupDir": str(backup_dir),
-            "staging": str(staging),
-            "keadmMarker": str(node.keadm_marker),
-            "stateDir": str(node.state_dir),
-        },
+        paths=paths,
     )
 
 

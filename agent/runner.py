@@ -14,25 +14,32 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
 
 from agent.adapters.edgecore import Detected
-from agent.errors import AgentError, Busy, InstallError, InvalidCommand, PrecheckFailed
+from agent.errors import (
+    AgentError,
+    Busy,
+    InstallError,
+    InvalidCommand,
+    PrecheckFailed,
+    RollbackError,
+    StepError,
+)
 from agent.faults import fault_point
 from agent.journal import ActionStatus, Job, utc_now
 from agent.locks import check_marker, keadm_pids
 from agent.messages.commands import Command, Operation
 from agent.messages.reports import build_report
 from agent.node import RECORD_KEY, Node
-from agent.retry import retry_transient
 from agent.states import NODE_TOUCHED, Action, Note, State
 from agent.steps.backup import list_backups, make_backup, prune_backups
 from agent.steps.image import stage_image
 from agent.steps.install import installer_argv, kill_installers, log_tail, run_installer
-from agent.steps.precheck import resolve_verdict, run_prechecks, unresolved_failure
+from agent.steps.precheck import assess, resolve_verdict, unresolved_failure
 from agent.steps.rollback import roll_back
 from agent.steps.unit import guard_unit, keep_operator_unit
 from agent.steps.verify import ensure_new_running, health_gate
@@ -42,18 +49,29 @@ log = structlog.get_logger("agent.runner")
 Handler = Callable[[Job], Awaitable[Job]]
 
 
+@dataclass(frozen=True)
+class Step:
+    """A state's work, and how its failure reads; the runner decides where it goes."""
+
+    work: Handler
+    label: str = ""  # prefixes a failure's reason ("backup: ..."); "" when the work says it
+    action: Action | None = None  # the v1alpha2 action a failure before install is recorded as
+    log_tail: bool = False  # a failure report carries the installer's log tail
+
+
 class Runner:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.handlers: dict[State, Handler] = {
-            # The state a job is in -> the work that state stands for.
-            State.RECEIVED: self._check,
-            State.PRECHECKED: self._stage,
-            State.IMAGE_READY: self._back_up,
-            State.BACKED_UP: self._hand_over,
-            State.INSTALLING: self._install,
-            State.VERIFYING: self._verify,
-            State.ROLLING_BACK: self._roll_back,
+        # The state a job is in -> the work that state stands for. The work
+        # returns the next state, or raises; ``fail`` alone maps a failure.
+        self.steps: dict[State, Step] = {
+            State.RECEIVED: Step(self._check, action=Action.CHECK),
+            State.PRECHECKED: Step(self._stage, "image", Action.CHECK),
+            State.IMAGE_READY: Step(self._back_up, "backup", Action.BACKUP),
+            State.BACKED_UP: Step(self._hand_over),
+            State.INSTALLING: Step(self._install, "install", log_tail=True),
+            State.VERIFYING: Step(self._verify, "health"),
+            State.ROLLING_BACK: Step(self._roll_back),
         }
         # Cancels for the job being run, honoured between handlers (never mid-step).
         self.cancel_requests: set[str] = set()
@@ -118,9 +136,22 @@ class Runner:
                 if job.entry_count(job.state) > self.node.config.max_state_entries:
                     job = self._break_loop(job)
                     continue
-                job = await self.handlers[job.state](job)
+                job = await self._step(job)
         self._cancel_requested(job.key)  # a late cancel of a finished job: forget it
         return job
+
+    async def _step(self, job: Job) -> Job:
+        step = self.steps[job.state]
+        try:
+            return await step.work(job)
+        except (AgentError, OSError) as exc:
+            # Anything else is a bug: it escapes to the daemon, which treats it as a crash.
+            reason = exc.reason if isinstance(exc, AgentError) else str(exc)
+            job = exc.job if isinstance(exc, _Refused) else job
+            path = job.note(Note.LOG)
+            return self.fail(job, f"{step.label}: {reason}" if step.label else reason,
+                             check=step.action, refusal=_refusal(exc),
+                             log_tail=log_tail(Path(path)) if step.log_tail and path else None)
 
     def request_cancel(self, key: str) -> None:
         """Cancel the running job at its next step boundary; survives a restart."""
@@ -141,7 +172,7 @@ class Runner:
         """The one failure rule (Mender's HandleError): ``failed`` before the node is
         touched, ``rolling_back`` after, ``rollback_failed`` when the rollback fails.
 
-        Handlers only say why; ``check`` is the action a failure before the node is
+        Steps only raise; ``check`` is the action a failure before the node is
         touched is recorded as (Check, BackUp), ``refusal`` the exit code's kind.
         """
         action: Action | None
@@ -191,11 +222,8 @@ class Runner:
             return await self._prepull(job)
         if cmd.operation == Operation.RESOLVE:
             return self._resolve(job)
-        try:
-            # A keadm at work (ours or anyone's) rules out an upgrade and a rollback alike.
-            marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds)
-        except Busy as exc:
-            return self.fail(job, exc.reason, check=Action.CHECK, refusal="busy")
+        # A keadm at work (ours or anyone's) rules out an upgrade and a rollback alike.
+        marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds)
         if marker.stale:
             # Reported (journalled) first, then removed: a crash in between
             # leaves a stale marker to clear again, never an unreported removal.
@@ -208,36 +236,23 @@ class Runner:
         if cmd.operation == Operation.ROLLBACK:
             return await self._manual_rollback(job)
         if (blocked := unresolved_failure(self.node)) is not None:
-            return self.fail(job, blocked, check=Action.CHECK, refusal="precheck")
-        detected = await self.node.probe.detect(use_record=False)
-        if detected is not None:
-            job = _with_version(job, detected)
-            if detected.version == cmd.target:
-                # Decided before the image is looked at: a skip needs no package.
-                return self.advance(job, State.SKIPPED, f"already at {cmd.target}",
-                                    action=(Action.CHECK, True))
-        try:
-            ref = cmd.image.with_tag(str(cmd.target))
-            info = await retry_transient(f"look up {ref}", lambda: self.node.images.inspect(ref))
-            image_bytes = 0 if info.present_locally else info.size
-        except AgentError as exc:
-            return self.fail(job, f"image: {exc.reason}", check=Action.CHECK, refusal="precheck")
-        report = await run_prechecks(self.node, cmd, image_bytes=image_bytes, lock_held=True,
-                                     detected=detected)
-        job = _with_version(job, report.detected)
-        if not report.ok:
-            return self.fail(job, PrecheckFailed(report.failures()).reason, check=Action.CHECK,
-                             refusal="precheck")
+            raise PrecheckFailed(blocked)
+        found = await assess(self.node, cmd, lock_held=True)
+        job = _with_version(job, found.detected)
+        if found.report is None:
+            return self.advance(job, State.SKIPPED, f"already at {cmd.target}",
+                                action=(Action.CHECK, True))
+        if found.image_check is not None and not found.image_check.ok:
+            raise _Refused(job, f"image: {found.image_check.detail}")
+        if not found.report.ok:
+            raise _Refused(job, found.report.failures())
         return self.advance(job, State.PRECHECKED, "prechecks passed")
 
     async def _stage(self, job: Job) -> Job:
         cmd = job.command
         if cmd.require_confirmation and job.note(Note.CONFIRMED) != "yes":
             return self.advance(job, State.AWAITING_CONFIRMATION, "waiting for confirmation")
-        try:
-            staged = await stage_image(self.node, cmd, lambda msg: self._progress(job, msg))
-        except AgentError as exc:
-            return self.fail(job, f"image: {exc.reason}", check=Action.CHECK)
+        staged = await stage_image(self.node, cmd, lambda msg: self._progress(job, msg))
         staged_why = "image staged" + (" (already staged from this digest: not extracted again)"
                                        if staged.reused else "")
         job = self.advance(job, job.state, staged_why, action=(Action.CHECK, True),
@@ -270,14 +285,9 @@ class Runner:
     async def _back_up(self, job: Job) -> Job:
         assert job.from_version is not None
         started = time.monotonic()
-        try:
-            # In a thread: a multi-gigabyte database must not stall the loop and the watchdog.
-            manifest = await asyncio.to_thread(
-                make_backup, self.node.backup_root, job.from_version, self.node.probe.files())
-        except AgentError as exc:
-            return self.fail(job, f"backup: {exc.reason}", check=Action.BACKUP)
-        except OSError as exc:
-            return self.fail(job, f"backup: {exc}", check=Action.BACKUP)
+        # In a thread: a multi-gigabyte database must not stall the loop and the watchdog.
+        manifest = await asyncio.to_thread(
+            make_backup, self.node.backup_root, job.from_version, self.node.probe.files())
         removed = await asyncio.to_thread(
             prune_backups, self.node.backup_root, self.node.config.keep_backups,
             job.from_version)
@@ -307,28 +317,19 @@ class Runner:
                "EDGE_UPGRADE_ROOT": str(self.node.config.paths.root), "LANG": "C.UTF-8"}
         log_path = Path(job.note(Note.LOG) or self.node.log_path(job.key))
         backup = Path(job.note(Note.BACKUP) or "")
-        try:
-            async with guard_unit(self.node, backup) as guard:
-                code = await run_installer(argv, log_path, job.command.timeout_seconds, env)
-            if code != 0:
-                raise InstallError(f"installer exited with code {code}")
-            unit = await keep_operator_unit(self.node, backup, guard)
-            if await ensure_new_running(self.node, job.note(Note.EDGECORE_SHA256)):
-                log.warning("edgecore still ran the old binary after the installer; restarted",
-                            job=job.key)
-        except AgentError as exc:
-            return self.fail(job, f"install: {exc.reason}", log_tail=log_tail(log_path))
-        except OSError as exc:
-            return self.fail(job, f"install: {exc}", log_tail=log_tail(log_path))
+        async with guard_unit(self.node, backup) as guard:
+            code = await run_installer(argv, log_path, job.command.timeout_seconds, env)
+        if code != 0:
+            raise InstallError(f"installer exited with code {code}")
+        unit = await keep_operator_unit(self.node, backup, guard)
+        if await ensure_new_running(self.node, job.note(Note.EDGECORE_SHA256)):
+            log.warning("edgecore still ran the old binary after the installer; restarted",
+                        job=job.key)
         why = "installer finished; checking health" + (f" ({unit})" if unit else "")
         return self.advance(job, State.VERIFYING, why, notes={Note.UNIT: unit} if unit else None)
 
     async def _verify(self, job: Job) -> Job:
-        try:
-            expected = job.note(Note.EDGECORE_SHA256)
-            detail = await health_gate(self.node, job.command.target, expected)
-        except AgentError as exc:
-            return self.fail(job, f"health: {exc.reason}")
+        detail = await health_gate(self.node, job.command.target, job.note(Note.EDGECORE_SHA256))
         self.node.journal.set_meta(RECORD_KEY, str(job.command.target))
         shutil.rmtree(self.node.staging_dir(str(job.command.target)), ignore_errors=True)
         return self.advance(job, State.SUCCEEDED, detail, action=(Action.UPGRADE, True))
@@ -340,13 +341,13 @@ class Runner:
         self._clear_own_marker(job)
         backup = job.note(Note.BACKUP)
         restore = job.note(Note.RESTORE_VERSION) or job.from_version
-        if backup is None or restore is None:
-            return self.fail(job, "no backup recorded for this job")
         cause = job.reason
+        if backup is None or restore is None:
+            raise RollbackError(f"{cause}; no backup recorded for this job")
         try:
             detail = await roll_back(self.node, Path(backup), Version.parse(restore))
         except AgentError as exc:
-            return self.fail(job, f"{cause}; {exc.reason}")
+            raise RollbackError(f"{cause}; {exc.reason}") from exc
         self.node.journal.set_meta(RECORD_KEY, restore)
         return self.advance(job, State.ROLLED_BACK, f"{cause}; rolled back: {detail}",
                             action=(Action.ROLLBACK, True))
@@ -369,7 +370,7 @@ class Runner:
             staged = await stage_image(self.node, job.command,
                                        lambda msg: self._progress(job, msg))
         except AgentError as exc:
-            return self.fail(job, f"prepull: {exc.reason}")
+            raise StepError(f"prepull: {exc.reason}") from exc
         return self.advance(job, State.SUCCEEDED,
                             f"prepulled {staged.info.ref} ({staged.info.size} bytes, "
                             f"{staged.info.digest}) in {time.monotonic() - started:.1f}s",
@@ -380,7 +381,7 @@ class Runner:
         key = job.command.resolves
         state, reason = resolve_verdict(self.node, key)
         if state == State.FAILED:
-            return self.fail(job, reason, refusal="precheck")
+            raise PrecheckFailed(reason)
         return self.advance(job, state, reason)
 
     async def _manual_rollback(self, job: Job) -> Job:
@@ -390,7 +391,7 @@ class Runner:
         target = job.command.version or (backups[-1] if backups else None)
         if target is None or target not in backups:
             what = f"no backup of {target}" if target else "no backups"
-            return self.fail(job, f"{what} in {root}", refusal="precheck")
+            raise PrecheckFailed(f"{what} in {root}")
         detected = await self.node.probe.detect(use_record=False)
         current = str(detected.version) if detected else None
         job = _with_version(job, detected)
@@ -407,3 +408,18 @@ def _with_version(job: Job, detected: Detected | None) -> Job:
     notes = {**dict(job.notes), Note.VERSION_SOURCE.value: detected.source}
     return replace(job, from_version=str(detected.version), notes=tuple(sorted(notes.items())))
 
+
+
+class _Refused(PrecheckFailed):
+    """Prechecks refused ``job``: the failure report carries the version they detected."""
+
+    def __init__(self, job: Job, reason: str) -> None:
+        super().__init__(reason)
+        self.job = job
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """The kind of a refusal before anything was done, for the CLI's exit code."""
+    if isinstance(exc, Busy):
+        return "busy"
+    return "precheck" if isinstance(exc, PrecheckFailed) else None

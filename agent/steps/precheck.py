@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from agent.adapters import resources
 from agent.adapters.edgecore import Detected
 from agent.adapters.files import tree_size
+from agent.adapters.images import ImageInfo, verify_digest
 from agent.adapters.keadm import era, unknown_era
 from agent.errors import AgentError, Busy
 from agent.locks import inspect_marker
 from agent.messages.commands import Command
 from agent.node import Node
+from agent.retry import retry_transient
 from agent.states import State
 from agent.versions import Decision
 
@@ -39,6 +41,44 @@ class PrecheckReport:
 
     def failures(self) -> str:
         return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.ok)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the dry run and the real run both know before anything is touched."""
+
+    detected: Detected | None
+    image: ImageInfo | None  # None: not looked up (a skip) or not found
+    image_check: CheckResult | None
+    report: PrecheckReport | None  # None: a skip, decided before anything else
+
+    @property
+    def skip(self) -> bool:
+        return self.report is None
+
+
+async def assess(node: Node, cmd: Command, *, lock_held: bool = False) -> Assessment:
+    """The one assessment behind ``--dry-run`` and the ``received`` step alike.
+
+    A node already at the target is a skip before the image is looked at (a
+    skip needs no package). The lookup retries transient registry errors and
+    checks the command's digest, so the plan sees what the run will see.
+    """
+    detected = await node.probe.detect(use_record=False)
+    if detected is not None and detected.version == cmd.target:
+        return Assessment(detected, None, None, None)
+    ref = cmd.image.with_tag(str(cmd.target))
+    info: ImageInfo | None = None
+    try:
+        info = await retry_transient(f"look up {ref}", lambda: node.images.inspect(ref))
+        verify_digest(info, cmd.image_digest)
+        image_check = CheckResult("image", True, f"{ref} exists, digest {info.digest}")
+    except AgentError as exc:
+        info, image_check = None, CheckResult("image", False, exc.reason)
+    image_bytes = 0 if info is None or info.present_locally else info.size
+    report = await run_prechecks(node, cmd, image_bytes=image_bytes, lock_held=lock_held,
+                                 detected=detected)
+    return Assessment(report.detected, info, image_check, report)
 
 
 def unresolved_failure(node: Node) -> str | None:
