@@ -279,8 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "config":
             config = load(args, args.file)
             check_daemon_files(config)
-            out.emit({"valid": True, "nodeName": config.node_name},
-                     f"{args.file or args.config}: valid (node {config.node_name})")
+            where = args.file or args.config
+            out.emit({"valid": True, "nodeName": config.node_name,
+                      "deprecations": list(config.deprecations)},
+                     "\n".join([f"{where}: valid (node {config.node_name})",
+                                *(f"{where}: warning: {d}" for d in config.deprecations)]))
             return EXIT_OK
         config = load(args)
         setup_logging(config.log_level)

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from agent.config_reader import Section
+from agent.adapters.images import LocalSettings
+from agent.adapters.service import SystemdSettings
+from agent.backends import (
+    IMAGE_BACKENDS,
+    SERVICE_MANAGERS,
+    TRANSPORTS,
+    Configurable,
+    image_plugin,
+    service_plugin,
+    transport_plugin,
+)
+from agent.config_reader import Section, migrate
 from agent.errors import ConfigError, InvalidCommand
-from agent.tls import TlsFiles, check_tls_files
+from agent.transport.spool import SpoolSettings
 from agent.versions import NAME_RE, VersionPolicy, parse_image
 
 DEFAULT_CONFIG = Path("/etc/edge-upgrade-agent/agent.yaml")
@@ -70,15 +82,14 @@ class RegistryAuth:
 
 @dataclass(frozen=True)
 class Images:
-    backend: str = "local"
+    backend: str = "local"  # a name in agent.backends.IMAGE_BACKENDS
+    # That backend's own sub-section (images.<backend>), as its parse_settings gave it.
+    settings: Any = field(default_factory=LocalSettings)
     default_repo: str = "kubeedge/installation-package"
-    local_dir: str = "/var/lib/edge-upgrade-agent/images"
     # Checked at intake, before any network call. Empty repositories: any in
     # an allowed registry; entries ending in "/*" match a prefix.
     allowed_registries: tuple[str, ...] = ("docker.io",)
     allowed_repositories: tuple[str, ...] = ()
-    docker_host: str = "unix:///var/run/docker.sock"
-    docker_config: str | None = "/root/.docker/config.json"
     credentials: tuple[RegistryAuth, ...] = ()
     progress_interval_seconds: float = 5.0
 
@@ -91,26 +102,6 @@ class Images:
 
 
 @dataclass(frozen=True)
-class Mqtt:
-    host: str = "127.0.0.1"
-    port: int = 8883
-    # {node} is replaced by node_name; a KubeEdge router rule can relay anywhere.
-    topic_prefix: str = "kubeedge/nodes/{node}/upgrade"
-    ca_file: str = "/etc/edge-upgrade-agent/tls/ca.crt"
-    cert_file: str = "/etc/edge-upgrade-agent/tls/node.crt"
-    key_file: str = "/etc/edge-upgrade-agent/tls/node.key"
-    keepalive_seconds: int = 30
-    session_expiry_seconds: int = 7 * 86400
-    reconnect_min_seconds: float = 1.0
-    reconnect_max_seconds: float = 60.0
-    cert_check_interval_seconds: float = 10.0
-    labels: tuple[tuple[str, str], ...] = ()
-
-    def topic(self, node: str, leaf: str) -> str:
-        return f"{self.topic_prefix.replace('{node}', node)}/{leaf}"
-
-
-@dataclass(frozen=True)
 class Security:
     require_signed_commands: bool = False
     trusted_keys_dir: str = "/etc/edge-upgrade-agent/trusted-keys"
@@ -119,19 +110,17 @@ class Security:
 
 @dataclass(frozen=True)
 class Transport:
-    kind: str = "spool"
-    spool_dir: str | None = None  # None: <state_dir>/spool
-    outbox_dir: str | None = None  # None: <state_dir>/reports
+    kind: str = "spool"  # a name in agent.backends.TRANSPORTS
+    settings: Any = field(default_factory=SpoolSettings)  # transport.<kind>, parsed
     max_message_bytes: int = 64 * 1024
-    poll_interval_seconds: float = 0.5
-    mqtt: Mqtt = field(default_factory=Mqtt)
 
 
 @dataclass(frozen=True)
 class Config:
     node_name: str
     paths: Paths = field(default_factory=Paths)
-    service_manager: str = "systemd"
+    service_manager: str = "systemd"  # a name in agent.backends.SERVICE_MANAGERS
+    service_settings: Any = field(default_factory=SystemdSettings)  # service.<manager>
     edgecore_unit: str = "edgecore.service"
     edgecore_unit_file: str | None = None  # None: /etc/systemd/system/<unit>
     preserve_unit: bool = True  # put the operator's unit back after keadm rewrote it
@@ -146,6 +135,8 @@ class Config:
     transport: Transport = field(default_factory=Transport)
     security: Security = field(default_factory=Security)
     log_level: str = "info"
+    labels: tuple[tuple[str, str], ...] = ()  # this node's labels, for fleet selectors
+    deprecations: tuple[str, ...] = ()  # old keys read under their new names: warn
 
     @property
     def state_dir(self) -> Path:
@@ -169,6 +160,7 @@ class Config:
 
 
 def parse_config(data: Any) -> Config:
+    data, deprecations = migrate(data)
     top = Section(data, "")
     node_name = top.get("node_name", str, None)
     if node_name is None:
@@ -190,12 +182,13 @@ def parse_config(data: Any) -> Config:
     p.done()
 
     s = top.section("service")
-    manager = s.choice("manager", "systemd", ("systemd", "process"))
+    manager = s.choice("manager", "systemd", tuple(SERVICE_MANAGERS))
     unit = s.get("unit", str, "edgecore.service")
     if not re.fullmatch(r"[A-Za-z0-9:_.@-]{1,240}\.service", unit):
         raise ConfigError(f"service.unit: {unit!r} is not a unit name like edgecore.service")
     unit_file = s.path("unit_file", None)
     preserve_unit = s.get("preserve_unit", bool, True)
+    service_settings = _backend_settings(s, manager, SERVICE_MANAGERS, service_plugin)
     s.done()
 
     pol = top.section("policy")
@@ -230,19 +223,16 @@ def parse_config(data: Any) -> Config:
     b.done()
 
     im = top.section("images")
+    backend = im.choice("backend", "local", tuple(IMAGE_BACKENDS))
     images = Images(
-        im.choice("backend", "local", ("local", "docker")),
+        backend,
+        _backend_settings(im, backend, IMAGE_BACKENDS, image_plugin),
         im.get("default_repo", str, Images.default_repo),
-        im.path("local_dir", Images.local_dir),
         _strings(im, "allowed_registries", Images.allowed_registries),
         _strings(im, "allowed_repositories", ()),
-        im.get("docker_host", str, Images.docker_host),
-        _optional_path(im, "docker_config", Images.docker_config),
         _credentials(im.section("credentials")),
         im.number("progress_interval_seconds", 5, 0.1, 3600),
     )
-    if not images.docker_host.startswith(("unix://", "tcp://")):
-        raise ConfigError(f"images.docker_host: {images.docker_host!r} is not a docker URL")
     try:
         ref = parse_image(images.default_repo)
     except InvalidCommand as exc:
@@ -257,15 +247,17 @@ def parse_config(data: Any) -> Config:
     ins.done()
 
     t = top.section("transport")
+    kind = t.choice("kind", "spool", tuple(TRANSPORTS))
     transport = Transport(
-        t.choice("kind", "spool", ("spool", "mqtt")),
-        t.path("spool_dir", None),
-        t.path("outbox_dir", None),
+        kind,
+        _backend_settings(t, kind, TRANSPORTS, transport_plugin),
         t.integer("max_message_bytes", 64 * 1024, 256, 16 * 1024 * 1024),
-        t.number("poll_interval_seconds", 0.5, 0.01, 60),
-        _mqtt(t.section("mqtt")),
     )
     t.done()
+
+    labels = top.get("labels", dict, {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ConfigError("labels: expected a mapping of strings to strings")
 
     sec = top.section("security")
     security = Security(
@@ -283,6 +275,7 @@ def parse_config(data: Any) -> Config:
         node_name=node_name,
         paths=paths,
         service_manager=manager,
+        service_settings=service_settings,
         edgecore_unit=unit,
         edgecore_unit_file=unit_file,
         preserve_unit=preserve_unit,
@@ -297,35 +290,24 @@ def parse_config(data: Any) -> Config:
         transport=transport,
         security=security,
         log_level=level,
-    )
-
-
-def _mqtt(m: Section) -> Mqtt:
-    labels = m.get("labels", dict, {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise ConfigError(f"{m.key('labels')}: expected a mapping of strings to strings")
-    prefix = m.get("topic_prefix", str, Mqtt.topic_prefix)
-    if not prefix or prefix.startswith("/") or prefix.endswith("/") or any(
-            c in prefix for c in "#+\0"):
-        raise ConfigError(f"{m.key('topic_prefix')}: {prefix!r} is not a valid topic prefix "
-                          "(no wildcards, no leading or trailing '/')")
-    lo = m.number("reconnect_min_seconds", 1, 0.01, 3600)
-    mqtt = Mqtt(
-        host=m.get("host", str, Mqtt.host),
-        port=m.integer("port", 8883, 1, 65535),
-        topic_prefix=prefix,
-        ca_file=m.path("ca_file", Mqtt.ca_file),
-        cert_file=m.path("cert_file", Mqtt.cert_file),
-        key_file=m.path("key_file", Mqtt.key_file),
-        keepalive_seconds=m.integer("keepalive_seconds", 30, 5, 3600),
-        session_expiry_seconds=m.integer("session_expiry_seconds", 7 * 86400, 60, 2**31),
-        reconnect_min_seconds=lo,
-        reconnect_max_seconds=m.number("reconnect_max_seconds", 60, lo, 3600),
-        cert_check_interval_seconds=m.number("cert_check_interval_seconds", 10, 0.1, 3600),
         labels=tuple(sorted(labels.items())),
+        deprecations=deprecations,
     )
-    m.done()
-    return mqtt
+
+
+def _backend_settings(section: Section, chosen: str, table: dict[str, str],
+                      plugin: Callable[[str], Configurable]) -> Any:
+    """Parse the chosen backend's sub-section, and check any other that is present.
+
+    One file may carry several sub-sections and switch by name; a typo in one
+    not chosen today is still an error today, not on the day it is chosen.
+    Absent ones are not looked at, so their modules are not even imported.
+    """
+    for name in table:
+        other = section.section(name) if name != chosen else None
+        if other is not None and other.data:
+            plugin(name).parse_settings(other)
+    return plugin(chosen).parse_settings(section.section(chosen))
 
 
 def _backup_dir(section: Section) -> str | None:
@@ -336,14 +318,6 @@ def _backup_dir(section: Section) -> str | None:
             "overwrites it during an upgrade, so the agent's backups must live elsewhere "
             "(default: <state_dir>/backups)")
     return value
-
-
-def _optional_path(section: Section, name: str, default: str | None) -> str | None:
-    """An absolute path, or "" to turn the feature off (absent: the default)."""
-    if section.data.get(name) == "":
-        section.used.add(name)
-        return None
-    return section.path(name, default)  # type: ignore[no-any-return]
 
 
 def _strings(section: Section, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -374,19 +348,12 @@ def check_daemon_files(config: Config) -> None:
     """
     from agent.security.signing import load_public_keys  # noqa: PLC0415 (layering)
 
-    if config.transport.kind == "mqtt":
-        # TLS files are the agent's own (like this file), so paths.root does not apply.
-        check_tls_files(tls_files(config), "transport.mqtt")
+    transport_plugin(config.transport.kind).check_files(config.transport.settings)
     keys = Path(config.security.trusted_keys_dir)
     required = config.security.require_signed_commands
     if (required or keys.is_dir()) and not load_public_keys(keys) and required:
         raise ConfigError(f"security.trusted_keys_dir: no *.pub keys in {keys}, "
                           "but require_signed_commands is on")
-
-
-def tls_files(config: Config) -> TlsFiles:
-    m = config.transport.mqtt
-    return TlsFiles(Path(m.ca_file), Path(m.cert_file), Path(m.key_file))
 
 
 def _installer(section: Section, name: str) -> tuple[str, ...]:

@@ -1,7 +1,9 @@
-"""Typed access to one mapping of the YAML config, naming keys in every error."""
+"""Reading the YAML config: typed sections that name keys in every error, and
+the table of keys that moved (old files keep loading, with a warning)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from agent.errors import ConfigError
@@ -69,3 +71,59 @@ class Section:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
             raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def optional_path(section: Section, name: str, default: str | None) -> str | None:
+    """An absolute path, or "" to turn the feature off (absent: the default)."""
+    if section.data.get(name) == "":
+        section.used.add(name)
+        return None
+    return section.path(name, default)  # type: ignore[no-any-return]
+
+
+# Keys that moved into a backend's sub-section: old path -> new path. Files in
+# the old layout keep loading (a fleet's configs are not rewritten by an agent
+# upgrade); `config validate` and the daemon's start say what to rename.
+MOVED = {
+    ("images", "local_dir"): ("images", "local", "dir"),
+    ("images", "docker_host"): ("images", "docker", "host"),
+    ("images", "docker_config"): ("images", "docker", "config"),
+    ("transport", "spool_dir"): ("transport", "spool", "dir"),
+    ("transport", "outbox_dir"): ("transport", "spool", "outbox_dir"),
+    ("transport", "poll_interval_seconds"): ("transport", "spool", "poll_interval_seconds"),
+    ("transport", "mqtt", "labels"): ("labels",),
+}
+
+
+def migrate(data: Any) -> tuple[Any, tuple[str, ...]]:
+    """Move old keys to their new places; (data, one message per moved key)."""
+    if not isinstance(data, dict):
+        return data, ()
+    data = copy.deepcopy(data)
+    notes = []
+    for old, new in MOVED.items():
+        parent = _walk(data, old[:-1])
+        if parent is None or old[-1] not in parent:
+            continue
+        target = _walk(data, new[:-1], create=True)
+        if target is None:
+            continue  # a non-mapping on the way: the normal parse names it
+        if new[-1] in target:
+            raise ConfigError(f"{'.'.join(old)}: moved to {'.'.join(new)}, which is also "
+                              "set; keep only the new key")
+        target[new[-1]] = parent.pop(old[-1])
+        notes.append(f"{'.'.join(old)} is now {'.'.join(new)}; rename it "
+                     "(the old key still works)")
+    return data, tuple(notes)
+
+
+def _walk(data: dict[str, Any], path: tuple[str, ...],
+          create: bool = False) -> dict[str, Any] | None:
+    for key in path:
+        if create and data.get(key) is None:
+            data[key] = {}
+        nxt = data.get(key)
+        if not isinstance(nxt, dict):
+            return None
+        data = nxt
+    return data

@@ -10,26 +10,21 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Coroutine
-from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from agent import __version__
+from agent.backends import transport_plugin
 from agent.config import Config
-from agent.errors import AgentError, Busy, InvalidCommand, JournalError
+from agent.errors import AgentError, Busy, JournalError
 from agent.execute import rehearse
-from agent.intake import Accepted, Intake
-from agent.messages.commands import Command, Operation, peek_job_name
-from agent.messages.reports import build_report
+from agent.intake import Intake, Parser
+from agent.messages.commands import Command
 from agent.node import Node, build_node
 from agent.runner import Runner
-from agent.states import NODE_TOUCHED
 from agent.systemd_notify import sd_notify, watchdog_interval
-from agent.transport.base import Inbound, Transport
-from agent.transport.mqtt import MqttTransport
-from agent.transport.spool import SpoolTransport
-from agent.versions import ImageRef
+from agent.transport.base import Transport
 
 log = structlog.get_logger("agent.daemon")
 BUSY_RETRY_SECONDS = 2.0
@@ -37,15 +32,17 @@ REPORT_RETRY_MAX_SECONDS = 30.0
 
 
 class Daemon:
-    def __init__(self, node: Node, intake: Intake) -> None:
+    def __init__(self, node: Node, parser: Parser) -> None:
         self.node = node
         self.runner = Runner(node)
-        self.parser = intake  # parse, authenticate, validate: the one gate for messages
         self.transport: Transport | None = None
         self.queue: asyncio.Queue[str] = asyncio.Queue()  # keys of jobs to run
         self.reports_pending = asyncio.Event()
         self.runner.on_report = self.reports_pending.set
         self.running: str | None = None
+        # The command policy; the daemon only moves messages and acks them after it.
+        self.intake = Intake(node, self.runner, parser, self.queue.put_nowait,
+                             lambda: self.running)
 
     @property
     def link(self) -> Transport:
@@ -57,7 +54,7 @@ class Daemon:
     async def take_commands(self) -> None:
         async for msg in self.link.commands():
             try:
-                rehearsal = self.accept(msg)
+                rehearsal = self.intake.accept(msg)
                 if rehearsal is not None:
                     await self._rehearse(rehearsal)
             except JournalError as exc:
@@ -68,43 +65,10 @@ class Daemon:
             except Exception as exc:
                 # A bug must not stop intake or make one message a poison pill.
                 log.exception("unexpected error handling a command", source=msg.source)
-                self._reject(msg, f"internal error: {type(exc).__name__}")
+                self.intake.reject(msg, f"internal error: {type(exc).__name__}")
             # The command is journalled (or its rejection is), so it may leave the transport.
             await msg.ack()
             self.reports_pending.set()
-
-    def accept(self, msg: Inbound) -> Command | None:
-        """Parse, authenticate, validate, dedupe and journal one command.
-
-        Returns a command to rehearse (which intake journals before the ack).
-        """
-        try:
-            accepted = self.parser.parse(msg.payload, msg.source)
-            op = accepted.command.operation
-            if accepted.command.dry_run and op in (Operation.ROLLBACK, Operation.RESOLVE):
-                raise InvalidCommand(f"{op.value} has no dry run; use check or status")
-        except InvalidCommand as exc:
-            self._reject(msg, exc.reason)
-            return None
-        cmd = accepted.command
-        if self._replayed(accepted):
-            self._reject(msg, f"replayed command {accepted.command_id} (job {cmd.key} already ran)")
-            return None
-        if cmd.operation == Operation.CONFIRM:
-            self._confirm(cmd)
-        elif cmd.operation == Operation.CANCEL:
-            self._cancel(cmd)
-        elif cmd.dry_run or cmd.operation == Operation.CHECK:
-            return replace(cmd, dry_run=True)
-        else:
-            job, new = self.runner.submit(cmd)
-            if new:
-                self.queue.put_nowait(job.key)
-            elif job.terminal:
-                self.runner.resend_final(job)
-            else:
-                log.info("duplicate command ignored while its job runs", job=job.key)
-        return None
 
     async def _rehearse(self, cmd: Command) -> None:
         existing = self.node.journal.get(cmd.key)
@@ -113,58 +77,6 @@ class Daemon:
                 self.runner.resend_final(existing)
             return
         await rehearse(self.node, cmd)
-
-    def _replayed(self, accepted: Accepted) -> bool:
-        """A signed command seen before whose job is over is a replay.
-
-        One seen before whose job still runs (or was never journalled) is the
-        broker redelivering a message we had not acked: not an attack.
-        """
-        if accepted.command_id is None or accepted.expires_at is None:
-            return False
-        key = accepted.command.key
-        first = self.node.journal.mark_seen(accepted.command_id, key, accepted.expires_at)
-        job = self.node.journal.get(key) if first is not None else None
-        return first is not None and (first != key or (job is not None and job.terminal))
-
-    def _confirm(self, cmd: Command) -> None:
-        job = self.node.journal.get(cmd.key)
-        if job is None:
-            log.warning("confirm for an unknown job ignored", job=cmd.key)
-            return
-        try:
-            self.runner.confirm(job)
-        except InvalidCommand as exc:
-            log.warning("confirm ignored", job=cmd.key, reason=exc.reason)
-            return
-        self.queue.put_nowait(job.key)
-
-    def _cancel(self, cmd: Command) -> None:
-        job = self.node.journal.get(cmd.key)
-        if job is None:
-            log.warning("cancel for an unknown job ignored", job=cmd.key)
-        elif job.key == self.running and job.state not in NODE_TOUCHED:
-            self.runner.request_cancel(job.key)  # the worker acts between steps
-        elif job.terminal or job.state in NODE_TOUCHED:
-            # Answered now: a refusal only queues a report, it cannot race a state write.
-            self.runner.cancel(job)
-        else:
-            try:
-                # Another agent process (a CLI upgrade) may be driving this job.
-                with self.node.lock:
-                    self.runner.cancel(job)
-            except Busy as exc:
-                why = f"cancel refused: {exc.reason}"
-                self.node.journal.event(job.key, lambda j: build_report(replace(j, reason=why)))
-
-    def _reject(self, msg: Inbound, reason: str) -> None:
-        name = peek_job_name(msg.payload)
-        log.warning("command rejected", source=msg.source, reason=reason, job=name)
-        if name is None or self.node.journal.get(f"rejected-{name}") is not None:
-            return
-        cmd = Command(Operation.UPGRADE, f"rejected-{name}", self.node.config.node_name, None,
-                      ImageRef(self.node.config.images.default_repo), source=msg.source)
-        self.runner.reject(cmd, reason)
 
     # -- jobs ---------------------------------------------------------------
 
@@ -209,7 +121,7 @@ class Daemon:
             "nodeName": self.node.config.node_name,
             "edgecoreVersion": str(detected.version) if detected else None,
             "versionSource": detected.source if detected else None,
-            "labels": dict(self.node.config.transport.mqtt.labels),
+            "labels": dict(self.node.config.labels),
             "agentVersion": __version__,
             "currentJob": self.running,
         }
@@ -248,13 +160,7 @@ class Daemon:
 
 def make_transport(config: Config, daemon: Daemon) -> Transport:
     t = config.transport
-    if t.kind == "mqtt":
-        return MqttTransport(config, daemon.presence)
-    return SpoolTransport(
-        config.paths.node(t.spool_dir) if t.spool_dir else config.state_dir / "spool",
-        config.paths.node(t.outbox_dir) if t.outbox_dir else config.state_dir / "reports",
-        t.poll_interval_seconds, t.max_message_bytes,
-    )
+    return transport_plugin(t.kind).from_config(config, t.settings, daemon.presence)
 
 
 async def _supervise(*coros: Coroutine[Any, Any, None]) -> None:
@@ -272,7 +178,7 @@ async def _supervise(*coros: Coroutine[Any, Any, None]) -> None:
 
 async def run_daemon(config: Config) -> int:
     node = build_node(config)
-    daemon = Daemon(node, Intake(config))
+    daemon = Daemon(node, Parser(config))
     daemon.transport = make_transport(config, daemon)
     while True:
         try:
@@ -286,6 +192,8 @@ async def run_daemon(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     sd_notify("READY=1\nSTATUS=ready")
+    for note in config.deprecations:
+        log.warning("deprecated config key", note=note)
     log.info("agent ready", version=__version__, node=config.node_name,
              transport=config.transport.kind)
     tasks = [daemon.link.run(), daemon.take_commands(), daemon.worker(), daemon.reporter(),

@@ -1,24 +1,45 @@
-"""Intake: raw bytes from a transport to a validated, authenticated Command.
+"""Intake: raw bytes from a transport to a journalled decision.
 
-Order matters: the size cap and JSON decoding first, then the signature
-(when present, or required), then whichever of the accepted shapes the
-payload has: KubeEdge's own messages, or our envelope.
+Two layers. ``Parser`` is the gate: bytes to a validated, authenticated
+Command. Order matters: the size cap and JSON decoding first, then the
+signature (when present, or required), then whichever of the accepted
+shapes the payload has: KubeEdge's own messages, or our envelope.
+
+``Intake`` is the command policy, applied to each parsed command: accept
+(journal a new job), replay (refuse a signed command whose job already
+ran), confirm, cancel, or reject (journal a rejection with its report).
+The daemon only moves messages and acks them once intake has journalled.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import Config
-from agent.errors import InvalidCommand
-from agent.messages.commands import Command, load_json_object, parse_envelope_dict
+from agent.errors import Busy, InvalidCommand
+from agent.messages.commands import (
+    Command,
+    Operation,
+    load_json_object,
+    parse_envelope_dict,
+    peek_job_name,
+)
 from agent.messages.kubeedge import parse_kubeedge
+from agent.messages.reports import build_report
+from agent.node import Node
+from agent.runner import Runner
 from agent.security.signing import is_signed, load_public_keys, verify
+from agent.states import NODE_TOUCHED
+from agent.transport.base import Inbound
+from agent.versions import ImageRef
+
+log = structlog.get_logger("agent.intake")
 
 
 @dataclass(frozen=True)
@@ -28,7 +49,7 @@ class Accepted:
     expires_at: float | None = None
 
 
-class Intake:
+class Parser:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.keys: Mapping[str, Ed25519PublicKey] = {}
@@ -50,3 +71,101 @@ class Intake:
         if command is None:
             command = parse_envelope_dict(data, self.config, source)
         return Accepted(command, command_id, expires_at)
+
+
+class Intake:
+    def __init__(self, node: Node, runner: Runner, parser: Parser,
+                 enqueue: Callable[[str], None], running: Callable[[], str | None]) -> None:
+        self.journal = node.journal
+        self.config = node.config
+        self.lock = node.lock
+        self.runner = runner
+        self.parser = parser
+        self.enqueue = enqueue  # hands a job key to the worker
+        self.running = running  # the job key the worker runs now, if any
+
+    def accept(self, msg: Inbound) -> Command | None:
+        """Parse, authenticate, validate, dedupe and journal one command.
+
+        Returns a command to rehearse (which intake journals before the ack).
+        """
+        try:
+            accepted = self.parser.parse(msg.payload, msg.source)
+            op = accepted.command.operation
+            if accepted.command.dry_run and op in (Operation.ROLLBACK, Operation.RESOLVE):
+                raise InvalidCommand(f"{op.value} has no dry run; use check or status")
+        except InvalidCommand as exc:
+            self.reject(msg, exc.reason)
+            return None
+        cmd = accepted.command
+        if self._replayed(accepted):
+            self.reject(msg, f"replayed command {accepted.command_id} (job {cmd.key} already ran)")
+            return None
+        if cmd.operation == Operation.CONFIRM:
+            self._confirm(cmd)
+        elif cmd.operation == Operation.CANCEL:
+            self._cancel(cmd)
+        elif cmd.dry_run or cmd.operation == Operation.CHECK:
+            return replace(cmd, dry_run=True)
+        else:
+            job, new = self.runner.submit(cmd)
+            if new:
+                self.enqueue(job.key)
+            elif job.terminal:
+                self.runner.resend_final(job)
+            else:
+                log.info("duplicate command ignored while its job runs", job=job.key)
+        return None
+
+    def _replayed(self, accepted: Accepted) -> bool:
+        """A signed command seen before whose job is over is a replay.
+
+        One seen before whose job still runs (or was never journalled) is the
+        broker redelivering a message we had not acked: not an attack.
+        """
+        if accepted.command_id is None or accepted.expires_at is None:
+            return False
+        key = accepted.command.key
+        first = self.journal.mark_seen(accepted.command_id, key, accepted.expires_at)
+        job = self.journal.get(key) if first is not None else None
+        return first is not None and (first != key or (job is not None and job.terminal))
+
+    def _confirm(self, cmd: Command) -> None:
+        job = self.journal.get(cmd.key)
+        if job is None:
+            log.warning("confirm for an unknown job ignored", job=cmd.key)
+            return
+        try:
+            self.runner.confirm(job)
+        except InvalidCommand as exc:
+            log.warning("confirm ignored", job=cmd.key, reason=exc.reason)
+            return
+        self.enqueue(job.key)
+
+    def _cancel(self, cmd: Command) -> None:
+        job = self.journal.get(cmd.key)
+        if job is None:
+            log.warning("cancel for an unknown job ignored", job=cmd.key)
+        elif job.key == self.running() and job.state not in NODE_TOUCHED:
+            self.runner.request_cancel(job.key)  # the worker acts between steps
+        elif job.terminal or job.state in NODE_TOUCHED:
+            # Answered now: a refusal only queues a report, it cannot race a state write.
+            self.runner.cancel(job)
+        else:
+            try:
+                # Another agent process (a CLI upgrade) may be driving this job.
+                with self.lock:
+                    self.runner.cancel(job)
+            except Busy as exc:
+                why = f"cancel refused: {exc.reason}"
+                self.journal.event(job.key, lambda j: build_report(replace(j, reason=why)))
+
+    def reject(self, msg: Inbound, reason: str) -> None:
+        name = peek_job_name(msg.payload)
+        log.warning("command rejected", source=msg.source, reason=reason, job=name)
+        if name is None or self.journal.get(f"rejected-{name}") is not None:
+            return
+        cmd = Command(Operation.UPGRADE, f"rejected-{name}", self.config.node_name, None,
+                      ImageRef(self.config.images.default_repo), source=msg.source)
+        self.runner.reject(cmd, reason)
+

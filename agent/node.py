@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.adapters.docker_images import DockerImageBackend
 from agent.adapters.edgecore import SHA_KEY, EdgecoreProbe
-from agent.adapters.images import ImageBackend, LocalDirImageBackend
-from agent.adapters.service import ProcessManager, ServiceManager, SystemctlManager
+from agent.adapters.images import ImageBackend
+from agent.adapters.service import ServiceManager
+from agent.backends import image_plugin, service_plugin
 from agent.config import Config
 from agent.journal import Journal
 from agent.locks import JobLock
@@ -52,22 +52,16 @@ class Node:
         self.journal.close()
 
 
-def build_node(config: Config, images: ImageBackend | None = None) -> Node:
+def build_node(config: Config, images: ImageBackend | None = None,
+               service: ServiceManager | None = None) -> Node:
+    """Wire a node from the backend tables; ``images`` and ``service`` replace the
+    configured ones (the in-process fakes of ``testkit.fakes``)."""
     journal = Journal(config.state_dir / "journal.db")
-    service: ServiceManager
-    if config.service_manager == "systemd":
-        service = SystemctlManager(config.edgecore_unit)
-    else:
-        paths = config.paths
-        service = ProcessManager(
-            paths.node(paths.edgecore_binary), paths.node(paths.edgecore_config),
-            paths.node(paths.run_dir) / "edgecore.pid", paths.node("/var/log/edgecore.log"),
-        )
+    if service is None:
+        service = service_plugin(config.service_manager).from_config(
+            config, config.service_settings)
     probe = EdgecoreProbe(config, service, lambda: journal.get_meta(RECORD_KEY),
                           lambda sha: journal.get_meta(SHA_KEY + sha))
     if images is None:
-        if config.images.backend == "docker":
-            images = DockerImageBackend(config.images)
-        else:
-            images = LocalDirImageBackend(config.paths.node(config.images.local_dir))
+        images = image_plugin(config.images.backend).from_config(config, config.images.settings)
     return Node(config, journal, service, probe, images, JobLock(config.state_dir / "agent.lock"))

@@ -1,12 +1,12 @@
 """Benchmark: the docker image backend against the docker CLI, from a private registry.
 
-Run from the repository root (``tests/`` must be importable too)::
+Run from the repository root::
 
-    PYTHONPATH=.:tests python bench/docker_pull.py [--pad-mib 100] [--rounds 5] [--json]
+    python bench/docker_pull.py [--pad-mib 100] [--rounds 5] [--json]
 
 Starts a private ``dockerd`` and a Debian ``docker-registry`` with htpasswd
-auth on loopback (``tests/dockerenv.py``), builds an installation-package
-image (the stand-in ``keadm`` and ``edgecore`` from ``tests/standins`` plus
+auth on loopback (``testkit/dockerenv.py``), builds an installation-package
+image (the stand-in ``keadm`` and ``edgecore`` from ``testkit/standins`` plus
 ``--pad-mib`` MiB of random bytes, so that a pull takes measurable time) and
 pushes it with credentials. Then, for ``--rounds`` rounds, alternating the
 order, each contestant fetches the image and takes both files out of it, with
@@ -41,11 +41,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO, REPO / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from dockerenv import (  # noqa: E402
+from agent.adapters.docker_images import DockerImageBackend, DockerSettings, registry_size  # noqa: E402
+from agent.adapters.images import EDGECORE, KEADM  # noqa: E402
+from agent.config import Images, RegistryAuth  # noqa: E402
+from agent.versions import ImageRef, parse_image  # noqa: E402
+from testkit.dockerenv import (  # noqa: E402
     Dockerd,
     DockerUnavailable,
     Registry,
@@ -54,12 +57,7 @@ from dockerenv import (  # noqa: E402
     push,
     remove_image,
 )
-from standins import write_edgecore, write_keadm  # noqa: E402
-
-from agent.adapters.docker_images import DockerImageBackend, registry_size  # noqa: E402
-from agent.adapters.images import EDGECORE, KEADM  # noqa: E402
-from agent.config import Images, RegistryAuth  # noqa: E402
-from agent.versions import ImageRef, parse_image  # noqa: E402
+from testkit.standins import write_edgecore, write_keadm  # noqa: E402
 
 MIB = 1024 * 1024
 USER = "edge"
@@ -231,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
         backend = DockerImageBackend(Images(
             backend="docker", allowed_registries=(registry.address,),
-            docker_host=dockerd.host, docker_config=None,
             credentials=(RegistryAuth(registry.address, USER, str(password_file)),),
-            progress_interval_seconds=5.0))
+            progress_interval_seconds=5.0), DockerSettings(dockerd.host, None))
         cli = Cli(dockerd.host, config_dir)
         log("docker login (once) ...")
         cli.login(registry.address)

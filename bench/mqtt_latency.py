@@ -5,10 +5,10 @@ Run from the repository root::
     python bench/mqtt_latency.py [--count 1000] [--skips 50] [--idle-seconds 60] [--json]
 
 Everything runs on loopback in a temporary directory under ``--dir`` (default
-``/var/tmp``): a throw-away PKI (``tests/pki.py``), a real Mosquitto 2.0 with
-mutual TLS and the production ACL (``tests/broker.py``), a sandboxed node with
+``/var/tmp``): a throw-away PKI (``testkit/pki.py``), a real Mosquitto 2.0 with
+mutual TLS and the production ACL (``testkit/broker.py``), a sandboxed node with
 the stand-in edgecore v1.12.1 running and a v1.13.0 package
-(``tests/standins``), and the daemon, ``python -m agent --config <cfg> run``
+(``testkit/standins``), and the daemon, ``python -m agent --config <cfg> run``
 with ``transport.kind: mqtt`` (production MQTT defaults otherwise).
 
 Latency, one command in flight at a time (closed loop), timed with
@@ -85,13 +85,12 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO, REPO / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from broker import Broker  # noqa: E402
-from pki import make_pki  # noqa: E402
-from standins import make_image_dir, make_node, start_edgecore, stop_edgecore  # noqa: E402
+from testkit.broker import Broker  # noqa: E402
+from testkit.pki import make_pki  # noqa: E402
+from testkit.standins import make_image_dir, make_node, start_edgecore, stop_edgecore  # noqa: E402
 
 NODE = "node-1"
 ECHO = "node-2"
@@ -335,7 +334,7 @@ def write_agent_config(work: Path, root: Path, broker: Broker) -> Path:
         "service": {"manager": "process"},
         "health": {"grace_seconds": 0.5, "start_timeout_seconds": 5,
                    "poll_interval_seconds": 0.1},
-        "images": {"local_dir": "/images"},
+        "images": {"local": {"dir": "/images"}},
         "precheck": {"reserve_bytes": 0},
         # Production MQTT defaults (keepalive 30 s, certificate check every 10 s)
         # but for where the broker and the files are.

@@ -6,9 +6,9 @@ Run from the repository root, as root (a private dockerd)::
         [--agent-image cold|warm|prepulled] [--no-preserve-unit] [--json]
 
 Needs what tests/test_e2e_real_kubeedge.py needs: the real binaries in
-../shared/kubeedge (tests/kubeedge_real.py), dockerd, docker-registry,
+../shared/kubeedge (testkit/kubeedge_real.py), dockerd, docker-registry,
 mosquitto, debootstrap (the cached host rootfs) and busybox-static. It reuses
-that test's rig (tests/e2e_host.py): a private dockerd and registry with
+that test's rig (testkit/e2e_host.py): a private dockerd and registry with
 htpasswd, a Mosquitto with mutual TLS, and one Debian host container with
 systemd as PID 1 running the real v1.12.1 edgecore as the operator's
 edgecore.service and the agent installed by scripts/install.sh.
@@ -59,11 +59,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from cloud import Cloud  # noqa: E402
-from dockerenv import remove_image  # noqa: E402
-from e2e_host import (  # noqa: E402
+from testkit.cloud import Cloud  # noqa: E402
+from testkit.dockerenv import remove_image  # noqa: E402
+from testkit.e2e_host import (  # noqa: E402
     EDGECORE_UNIT,
     KEADM_UPGRADE_DIR,
     EdgeHost,
@@ -77,7 +78,7 @@ from e2e_host import (  # noqa: E402
     real_package_files,
     wait_version,
 )
-from kubeedge_real import real_binary  # noqa: E402
+from testkit.kubeedge_real import real_binary  # noqa: E402
 
 FROM, TO = "v1.12.1", "v1.13.0"
 KEADM = "/var/tmp/bench/keadm"

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the stand-ins and the throwaway servers
+if str(REPO) not in sys.path:  # testkit: the stand-ins and the throwaway servers
+    sys.path.insert(0, str(REPO))
 
-from broker import Broker  # noqa: E402
-from cloud import Cloud  # noqa: E402
-from pki import make_pki  # noqa: E402
-from standins import (  # noqa: E402
+from testkit.broker import Broker  # noqa: E402
+from testkit.cloud import Cloud  # noqa: E402
+from testkit.pki import make_pki  # noqa: E402
+from testkit.standins import (  # noqa: E402
     make_image_dir,
     make_node,
     start_edgecore,
@@ -59,7 +60,7 @@ def show(report: dict[str, Any]) -> None:
 
 
 def images_with_registry(root: Path) -> tuple[dict[str, Any], list[Any]]:
-    from dockerenv import Dockerd, Registry, build_package_image, push  # noqa: PLC0415
+    from testkit.dockerenv import Dockerd, Registry, build_package_image, push  # noqa: PLC0415
 
     dockerd, registry = Dockerd(BASE / "dockerd"), Registry(BASE / "registry", {USER: PASSWORD})
     dockerd.start()
@@ -76,7 +77,7 @@ def images_with_registry(root: Path) -> tuple[dict[str, Any], list[Any]]:
         push(client, ref, USER, PASSWORD)
         print(f"pushed {ref} to the throwaway registry (htpasswd auth)", flush=True)
     (BASE / "registry-password").write_text(PASSWORD)
-    images = {"backend": "docker", "docker_host": dockerd.host, "docker_config": "",
+    images = {"backend": "docker", "docker": {"host": dockerd.host, "config": ""},
               "default_repo": f"{registry.address}/{IMAGE}",
               "allowed_registries": [registry.address],
               "credentials": {registry.address: {
@@ -112,7 +113,7 @@ def main() -> int:
             print("images: unpacked directories (no dockerd/docker-registry)", flush=True)
             for version, behaviour in (("v1.13.0", "ok"), ("v1.14.0", "crash")):
                 make_image_dir(root / "images", IMAGE, version, edgecore_behaviour=behaviour)
-            images = {"local_dir": "/images"}
+            images = {"local": {"dir": "/images"}}
         cert, key = pki.client("node-1")
         config = {
             "node_name": "node-1", "paths": {"root": str(root)},

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-.venv/bin/ruff check agent tests bench
-.venv/bin/mypy agent tests bench scripts
+.venv/bin/ruff check agent testkit tests bench scripts
+.venv/bin/mypy agent testkit tests bench scripts
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -2,7 +2,7 @@
 
 The agent runs as a separate process (``python -m agent``) against a
 directory standing in for ``/``, with the stand-in edgecore and keadm from
-``tests/standins``. Everything else (files, SQLite, processes, signals) is
+``testkit/standins``. Everything else (files, SQLite, processes, signals) is
 real.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
-from standins import edgecore_pid, make_image_dir, make_node, start_edgecore, stop_edgecore
+
+from testkit.standins import edgecore_pid, make_image_dir, make_node, start_edgecore, stop_edgecore
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_IMAGE = "kubeedge/installation-package"
@@ -121,7 +122,7 @@ class Sandbox:
         starts a second one. Its stderr is appended to <root>/var/log/edgecore.log,
         where its first line is the klog ``Version:`` line, with its pid.
         """
-        from standins import logged_version
+        from testkit.standins import logged_version
 
         deadline = time.monotonic() + 5  # a just-started one may not have logged yet
         while True:
@@ -151,9 +152,9 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
         "service": {"manager": "process"},
         "health": {"grace_seconds": 0.5, "start_timeout_seconds": 5,
                    "poll_interval_seconds": 0.1},
-        "images": {"local_dir": "/images"},
+        "images": {"local": {"dir": "/images"}},
         "precheck": {"reserve_bytes": 0},
-        "transport": {"poll_interval_seconds": 0.05},
+        "transport": {"spool": {"poll_interval_seconds": 0.05}},
     }
     box = Sandbox(root, tmp_path / "agent.yaml", settings)
     box.configure()

@@ -1,4 +1,4 @@
-"""The test broker (tests/broker.py) and PKI (tests/pki.py) behave like production.
+"""The test broker (testkit/broker.py) and PKI (testkit/pki.py) behave like production.
 
 Plain paho-mqtt clients, MQTT v5 over mutual TLS against a real mosquitto.
 Waits are bounded events (they only bound a hang; nothing asserts on time).
@@ -14,12 +14,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from broker import Broker, running_broker
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pki import Pki, make_other_ca, make_pki
+
+from testkit.broker import Broker, running_broker
+from testkit.pki import Pki, make_other_ca, make_pki
 
 WAIT_S = 10.0
 NOT_AUTHORIZED = 135

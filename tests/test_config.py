@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from agent.adapters.images import LocalSettings
 from agent.config import (
     Config,
     Health,
@@ -23,6 +25,7 @@ from agent.config import (
     parse_config,
 )
 from agent.errors import ConfigError
+from agent.transport.spool import SpoolSettings
 from agent.versions import NAME_RE, VersionPolicy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,14 +97,16 @@ def test_full_config() -> None:
                 "metaserver_url": "http://127.0.0.1:10550"},
         backup={"keep": 7},
         images={"backend": "local", "default_repo": "registry.local:5000/kubeedge/pkg",
-                "local_dir": "/srv/images"},
+                "local": {"dir": "/srv/images"}, "docker": {"host": "tcp://ignored:2375"}},
         installers={
             "zeta": ["{keadm}", "upgrade", "edge", "--toVersion", "{to_version}"],
             "alpha": ["/usr/local/bin/install.sh", "--from={from_version}", "--image={image}",
                       "{config}", "{upgrade_id}", "{history_id}"],
         },
-        transport={"kind": "spool", "spool_dir": "/srv/spool", "outbox_dir": "/srv/out",
-                   "max_message_bytes": 256, "poll_interval_seconds": 0.01},
+        transport={"kind": "spool", "max_message_bytes": 256,
+                   "spool": {"dir": "/srv/spool", "outbox_dir": "/srv/out",
+                             "poll_interval_seconds": 0.01}},
+        labels={"site": "north"},
         logging={"level": "debug"},
     )
     assert config.paths.root == Path("/srv/sandbox")
@@ -116,12 +121,16 @@ def test_full_config() -> None:
     assert config.precheck == Precheck(95.0, 90.5, 0.0, 0)
     assert config.health == Health(5.0, 10.0, 0.1, "http://127.0.0.1:10550")
     assert config.keep_backups == 7
-    assert config.images == Images("local", "registry.local:5000/kubeedge/pkg", "/srv/images")
+    assert config.images == Images("local", LocalSettings("/srv/images"),
+                                   "registry.local:5000/kubeedge/pkg")
     assert [name for name, _ in config.installers] == ["alpha", "zeta"]
     assert config.installer("zeta") == ("{keadm}", "upgrade", "edge", "--toVersion",
                                         "{to_version}")
     assert config.installer("missing") is None
-    assert config.transport == Transport("spool", "/srv/spool", "/srv/out", 256, 0.01)
+    assert config.transport == Transport("spool", SpoolSettings("/srv/spool", "/srv/out", 0.01),
+                                         256)
+    assert config.labels == (("site", "north"),)
+    assert config.deprecations == ()
     assert config.log_level == "debug"
 
 
@@ -173,7 +182,14 @@ def test_null_sections_and_values_mean_defaults() -> None:
         ({"backup": {"dir": "/x"}}, "backup.dir: unknown key"),
         ({"images": {"backend": "podman"}}, "images.backend: 'podman' is not one of local"),
         ({"images": {"default_repo": "Kubeedge Pkg"}}, "images.default_repo: bad image reference"),
-        ({"images": {"local_dir": "images"}}, "images.local_dir: 'images' must be an absolute"),
+        ({"images": {"local": {"dir": "images"}}},
+         "images.local.dir: 'images' must be an absolute"),
+        ({"images": {"local": {"root": "/x"}}}, "images.local.root: unknown key"),
+        ({"images": {"docker": "unix:///x"}}, "images.docker: expected a mapping"),
+        ({"images": {"backend": "docker", "docker": {"host": "http://x"}}},
+         "images.docker.host: 'http://x' is not a docker URL"),
+        ({"service": {"manager": "process", "process": {"log_file": "x.log"}}},
+         "service.process.log_file: 'x.log' must be an absolute"),
         ({"installers": ["/bin/x"]}, "installers: expected a mapping"),
         ({"installers": {"custom": "/bin/install"}}, "installers.custom: expected list"),
         ({"installers": {"custom": []}}, "installers.custom: expected a non-empty list of strings"),
@@ -191,7 +207,9 @@ def test_null_sections_and_values_mean_defaults() -> None:
          "installers.Custom_1: installer names are DNS-1123 names"),
         ({"transport": {"kind": "carrier-pigeon"}},
          "transport.kind: 'carrier-pigeon' is not one of spool, mqtt"),
-        ({"transport": {"spool_dir": "spool"}}, "transport.spool_dir: 'spool' must be an absolute"),
+        ({"transport": {"spool": {"dir": "spool"}}},
+         "transport.spool.dir: 'spool' must be an absolute"),
+        ({"transport": {"mqtt": {"labels": {"a": 1}}}}, "labels: expected a mapping of strings"),
         ({"transport": {"max_message_bytes": 10}},
          "transport.max_message_bytes: 10 is outside 256..16777216"),
         ({"logging": {"level": "trace"}}, "logging.level: 'trace' is not one of"),
@@ -347,7 +365,7 @@ def test_cli_config_validate_good(tmp_path: Path) -> None:
     assert f"{f}: valid (node {NODE})" in result.stdout
     result = cli("--output", "json", "config", "validate", str(f))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert json.loads(result.stdout) == {"valid": True, "nodeName": NODE}
+    assert json.loads(result.stdout) == {"valid": True, "nodeName": NODE, "deprecations": []}
 
 
 @pytest.mark.parametrize(
@@ -370,3 +388,82 @@ def test_cli_config_validate_missing_file(tmp_path: Path) -> None:
     result = cli("config", "validate", str(missing))
     assert result.returncode == 2
     assert str(missing) in result.stdout + result.stderr
+
+
+# -- keys that moved into backend sub-sections ----------------------------------
+
+OLD_LAYOUT: dict[str, Any] = {
+    "images": {"backend": "docker", "local_dir": "/srv/images",
+               "docker_host": "tcp://engine:2375", "docker_config": ""},
+    "transport": {"kind": "mqtt", "spool_dir": "/srv/spool", "outbox_dir": "/srv/out",
+                  "poll_interval_seconds": 0.25,
+                  "mqtt": {"host": "broker", "labels": {"site": "north"}}},
+}
+NEW_LAYOUT: dict[str, Any] = {
+    "images": {"backend": "docker", "local": {"dir": "/srv/images"},
+               "docker": {"host": "tcp://engine:2375", "config": ""}},
+    "transport": {"kind": "mqtt", "mqtt": {"host": "broker"},
+                  "spool": {"dir": "/srv/spool", "outbox_dir": "/srv/out",
+                            "poll_interval_seconds": 0.25}},
+    "labels": {"site": "north"},
+}
+
+
+def test_old_layout_still_loads_and_names_each_new_key() -> None:
+    old, new = parse(**OLD_LAYOUT), parse(**NEW_LAYOUT)
+    assert new.deprecations == ()
+    assert old == replace(new, deprecations=old.deprecations)
+    assert old.images.settings.host == "tcp://engine:2375" and old.images.settings.config is None
+    assert old.deprecations == (
+        "images.local_dir is now images.local.dir; rename it (the old key still works)",
+        "images.docker_host is now images.docker.host; rename it (the old key still works)",
+        "images.docker_config is now images.docker.config; rename it (the old key still works)",
+        "transport.spool_dir is now transport.spool.dir; rename it (the old key still works)",
+        "transport.outbox_dir is now transport.spool.outbox_dir; rename it "
+        "(the old key still works)",
+        "transport.poll_interval_seconds is now transport.spool.poll_interval_seconds; rename "
+        "it (the old key still works)",
+        "transport.mqtt.labels is now labels; rename it (the old key still works)",
+    )
+
+
+def test_old_and_new_key_together_is_an_error() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse(images={"docker_host": "tcp://a:1", "docker": {"host": "tcp://b:2"}})
+    assert exc.value.reason == ("images.docker_host: moved to images.docker.host, which is "
+                                "also set; keep only the new key")
+
+
+def test_config_validate_warns_about_old_keys(tmp_path: Path) -> None:
+    f = write(tmp_path / "agent.yaml", {"node_name": NODE, "images": {"local_dir": "/srv/i"}})
+    result = cli("config", "validate", str(f))
+    assert result.returncode == 0, result.stderr
+    assert f"{f}: warning: images.local_dir is now images.local.dir" in result.stdout
+
+
+def test_every_backend_in_the_tables_parses_its_defaults() -> None:
+    """Each name in the tables resolves lazily to a class with the plugin calls."""
+    from agent.backends import IMAGE_BACKENDS, SERVICE_MANAGERS, TRANSPORTS
+
+    for name in IMAGE_BACKENDS:
+        assert parse(images={"backend": name}).images.backend == name
+    for name in SERVICE_MANAGERS:
+        assert parse(service={"manager": name}).service_manager == name
+    for name in TRANSPORTS:
+        assert parse(transport={"kind": name}).transport.kind == name
+
+
+def test_backends_not_chosen_are_never_imported() -> None:
+    """The tables import lazily: a spool node with unpacked images loads neither
+    aiomqtt nor the docker SDK, even while it builds its node."""
+    code = (
+        "import sys\n"
+        "from agent.config import parse_config\n"
+        "from agent.daemon import Daemon\n"
+        "parse_config({'node_name': 'n', 'transport': {'kind': 'spool'}})\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('aiomqtt', 'docker', 'paho'))\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr

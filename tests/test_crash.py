@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Sandbox, wait_for
-from standins import edgecore_pid
+
+from testkit.standins import edgecore_pid
 
 OLD, NEW = "v1.12.1", "v1.13.0"
 

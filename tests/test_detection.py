@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from conftest import Sandbox, wait_for
-from standins import stop_edgecore
 
 from agent.adapters.edgecore import embedded_versions, running_sha256
 from agent.adapters.files import FileDigest, copy_hashed, sha256_file
@@ -30,6 +29,7 @@ from agent.node import build_node
 from agent.runner import Runner
 from agent.states import State
 from agent.steps.unit import exec_binary
+from testkit.standins import stop_edgecore
 
 REAL_LINE = "I1130 15:06:04.800382   30539 server.go:103] Version: v1.13.0"
 

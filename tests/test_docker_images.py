@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 from conftest import Sandbox
-from dockerenv import (
+
+from agent.adapters.docker_images import DockerImageBackend, DockerSettings
+from agent.adapters.images import EDGECORE, KEADM, verify_digest
+from agent.config import Images, RegistryAuth, parse_config
+from agent.errors import FatalError, InvalidCommand, TransientError
+from agent.messages.commands import Operation, build_command
+from agent.retry import retry_transient
+from agent.versions import parse_image
+from testkit.dockerenv import (
     Dockerd,
     DockerUnavailable,
     Registry,
@@ -22,15 +30,7 @@ from dockerenv import (
     push,
     remove_image,
 )
-from standins import write_edgecore, write_keadm
-
-from agent.adapters.docker_images import DockerImageBackend
-from agent.adapters.images import EDGECORE, KEADM, verify_digest
-from agent.config import Images, RegistryAuth, parse_config
-from agent.errors import FatalError, InvalidCommand, TransientError
-from agent.messages.commands import Operation, build_command
-from agent.retry import retry_transient
-from agent.versions import parse_image
+from testkit.standins import write_edgecore, write_keadm
 
 USER, PASSWORD = "edge", "s3cret"
 REPO = "kubeedge/installation-package"
@@ -63,15 +63,16 @@ class Env:
 
     def images(self, **overrides: Any) -> Images:
         base: dict[str, Any] = dict(
-            backend="docker", allowed_registries=(self.registry.address,),
-            docker_host=self.dockerd.host, docker_config=None,
+            backend="docker", settings=DockerSettings(self.dockerd.host, None),
+            allowed_registries=(self.registry.address,),
             credentials=(RegistryAuth(self.registry.address, USER, str(self.password_file)),),
             progress_interval_seconds=0.1)
         base.update(overrides)
         return Images(**base)
 
-    def backend(self, **overrides: Any) -> DockerImageBackend:
-        return DockerImageBackend(self.images(**overrides))
+    def backend(self, docker_config: str | None = None, **overrides: Any) -> DockerImageBackend:
+        images = self.images(**overrides)
+        return DockerImageBackend(images, DockerSettings(self.dockerd.host, docker_config))
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +227,7 @@ async def test_inspect_touches_no_image_store(env: Env) -> None:
 
 def test_cli_upgrade_and_prepull_with_a_pulled_image(env: Env, sandbox: Sandbox) -> None:
     sandbox.configure(images={
-        "backend": "docker", "docker_host": env.dockerd.host, "docker_config": None,
+        "backend": "docker", "docker": {"host": env.dockerd.host, "config": None},
         "allowed_registries": [env.registry.address],
         "credentials": {env.registry.address: {"username": USER,
                                                "password_file": str(env.password_file)}},
@@ -252,9 +253,8 @@ def test_cli_upgrade_and_prepull_with_a_pulled_image(env: Env, sandbox: Sandbox)
 
 
 async def test_engine_down_is_transient_not_a_crash(tmp_path: Path) -> None:
-    images = Images(backend="docker", docker_host=f"unix://{tmp_path}/no-such.sock",
-                    docker_config="")
-    backend = DockerImageBackend(images)
+    backend = DockerImageBackend(
+        Images(backend="docker"), DockerSettings(f"unix://{tmp_path}/no-such.sock", None))
     with pytest.raises(TransientError, match="docker engine unreachable"):
         await backend.inspect(parse_image("kubeedge/installation-package:v1.13.0"))
     assert await backend.storage_path() is None
@@ -262,5 +262,6 @@ async def test_engine_down_is_transient_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_docker_config_can_be_turned_off() -> None:
-    config = parse_config({"node_name": "node-1", "images": {"docker_config": ""}})
-    assert config.images.docker_config is None
+    config = parse_config({"node_name": "node-1",
+                           "images": {"backend": "docker", "docker": {"config": ""}}})
+    assert config.images.settings == DockerSettings(config=None)

@@ -25,7 +25,8 @@ from pathlib import Path
 import docker
 import docker.errors
 import pytest
-from dockerenv import (
+
+from testkit.dockerenv import (
     Dockerd,
     DockerUnavailable,
     ImageOperationError,

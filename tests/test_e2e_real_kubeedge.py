@@ -1,10 +1,10 @@
 """End to end with the REAL KubeEdge v1.12.1 / v1.13.0 edgecore and keadm.
 
-The edge host is the real-systemd Debian container of tests/e2e_host.py. It
+The edge host is the real-systemd Debian container of testkit/e2e_host.py. It
 runs the real v1.12.1 edgecore as the operator's ``edgecore.service`` (with
 custom lines keadm drops when it rewrites the unit) and the agent installed by
 scripts/install.sh from a wheelhouse. The agent takes the commands over MQTT
-(tests/cloud.py), pulls the installation package from the private registry
+(testkit/cloud.py), pulls the installation package from the private registry
 with credentials into the private dockerd (whose socket is the host's
 /var/run/docker.sock), and runs the real keadm v1.13.0 out of it. keadm finds
 the image in Docker's store, copies edgecore out of it through a throw-away
@@ -23,7 +23,7 @@ c. the agent is SIGKILLed while the real keadm runs (package v1.13.2: real
 d. the operator's unit lines survived a, b and c;
 e. a downgrade to v1.12.1 is refused by policy and the node is untouched.
 
-Skipped with the reason when ../shared/kubeedge (tests/kubeedge_real.py) or an
+Skipped with the reason when ../shared/kubeedge (testkit/kubeedge_real.py) or an
 engine is missing, except with EDGE_TEST_REQUIRE_REAL_KUBEEDGE=1 (CI), where
 that fails. Takes about 85 s on 2 cores (40 s of it the set-up).
 """
@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloud import Cloud
 from conftest import wait_for
-from dockerenv import DockerUnavailable, RegistryUnavailable
-from e2e_host import (
+
+from testkit.cloud import Cloud
+from testkit.dockerenv import DockerUnavailable, RegistryUnavailable
+from testkit.e2e_host import (
     EDGECORE_UNIT,
     KEADM_UPGRADE_DIR,
     OPERATOR_MARK,
@@ -60,7 +61,7 @@ from e2e_host import (
     real_package_files,
     skip_or_fail,
 )
-from kubeedge_real import require_real_binary
+from testkit.kubeedge_real import require_real_binary
 
 pytestmark = pytest.mark.slow
 REQUIRE = "EDGE_TEST_REQUIRE_REAL_KUBEEDGE"

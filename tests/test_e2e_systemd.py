@@ -1,7 +1,7 @@
 """End to end on a real systemd: install, then upgrades driven over MQTT.
 
 The edge host is a debootstrapped Debian running systemd as PID 1 in a
-container (tests/e2e_host.py). The agent is installed by scripts/install.sh
+container (testkit/e2e_host.py). The agent is installed by scripts/install.sh
 from a wheelhouse and runs as its systemd unit, next to a stand-in
 edgecore.service; images come from the test registry through the test
 dockerd; commands and reports go through the test Mosquitto with mutual TLS.
@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 import yaml
-from cloud import Cloud
 from conftest import REPO, wait_for
-from dockerenv import DockerUnavailable, RegistryUnavailable
-from e2e_host import (
+
+from agent.adapters.images import EDGECORE, KEADM
+from testkit.cloud import Cloud
+from testkit.dockerenv import DockerUnavailable, RegistryUnavailable
+from testkit.e2e_host import (
     EdgeHost,
     HostUnavailable,
     Rig,
@@ -29,9 +31,7 @@ from e2e_host import (
     journal_version,
     skip_or_fail,
 )
-from standins import write_edgecore, write_keadm
-
-from agent.adapters.images import EDGECORE, KEADM
+from testkit.standins import write_edgecore, write_keadm
 
 pytestmark = pytest.mark.slow
 PY = "/usr/bin/python3"  # the host's interpreter for the stand-ins

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pki import make_pki
 
 from agent import __version__
+from testkit.pki import make_pki
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"

@@ -10,14 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker import Broker
-from cloud import Cloud
 from conftest import REPO, Sandbox, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pki import Pki, issue_client, make_pki
 
 from agent.security.signing import sign
+from testkit.broker import Broker
+from testkit.cloud import Cloud
+from testkit.pki import Pki, issue_client, make_pki
 
 PREFIX = "kubeedge/nodes/{node}/upgrade"
 
@@ -68,8 +68,8 @@ def agent(sandbox: Sandbox, broker: Broker, pki: Pki) -> Iterator[Agent]:
     sandbox.configure(transport={"kind": "mqtt", "mqtt": {
         "host": "127.0.0.1", "port": broker.port, "ca_file": str(pki.ca_cert),
         "cert_file": str(cert), "key_file": str(key), "reconnect_min_seconds": 0.2,
-        "reconnect_max_seconds": 1, "cert_check_interval_seconds": 0.3,
-        "labels": {"site": "factory-a"}}})
+        "reconnect_max_seconds": 1, "cert_check_interval_seconds": 0.3}},
+        labels={"site": "factory-a"})
     a = Agent(sandbox)
     a.start()
     yield a

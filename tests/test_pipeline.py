@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Sandbox, wait_for
-from standins import make_node, start_edgecore, stop_edgecore
+
+from testkit.standins import make_node, start_edgecore, stop_edgecore
 
 
 def backup_db(box: Sandbox, version: str = "v1.12.1") -> bytes:

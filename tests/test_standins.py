@@ -27,8 +27,12 @@ from typing import Any
 
 import pytest
 import yaml
-from kubeedge_real import VERSIONS, minconfig, require_real_binary
-from standins import (
+
+from agent.adapters.edgecore import embedded_versions
+from agent.adapters.keadm import InstallSpec, keadm_argv
+from agent.versions import ImageRef, Version
+from testkit.kubeedge_real import VERSIONS, minconfig, require_real_binary
+from testkit.standins import (
     edgecore_pid,
     logged_version,
     make_image_dir,
@@ -38,10 +42,6 @@ from standins import (
     write_edgecore,
     write_keadm,
 )
-
-from agent.adapters.edgecore import embedded_versions
-from agent.adapters.keadm import InstallSpec, keadm_argv
-from agent.versions import ImageRef, Version
 
 OLD = "v1.12.0"
 NEW = "v1.13.0"

@@ -19,14 +19,18 @@ import json
 import os
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.adapters.files import fsync_dir
 from agent.adapters.images import ImageInfo, Progress
-from agent.config import Images
-from agent.errors import FatalError, TransientError
+from agent.config_reader import Section, optional_path
+from agent.errors import ConfigError, FatalError, TransientError
 from agent.versions import ImageRef
+
+if TYPE_CHECKING:
+    from agent.config import Config, Images
 
 HUB_KEYS = ("docker.io", "https://index.docker.io/v1/", "index.docker.io")
 MAX_EXTRACT_BYTES = 512 * 1024 * 1024
@@ -47,9 +51,31 @@ def classify(message: str, status: int | None = None) -> Exception:
     return TransientError(f"registry or docker error: {message[:200]}")
 
 
+@dataclass(frozen=True)
+class DockerSettings:
+    """``images.docker``: which engine, and docker's own credentials file."""
+
+    host: str = "unix:///var/run/docker.sock"
+    config: str | None = "/root/.docker/config.json"  # None: not read
+
+
 class DockerImageBackend:
-    def __init__(self, images: Images) -> None:
+    @staticmethod
+    def parse_settings(section: Section) -> DockerSettings:
+        host = section.get("host", str, DockerSettings.host)
+        if not host.startswith(("unix://", "tcp://")):
+            raise ConfigError(f"{section.key('host')}: {host!r} is not a docker URL")
+        settings = DockerSettings(host, optional_path(section, "config", DockerSettings.config))
+        section.done()
+        return settings
+
+    @classmethod
+    def from_config(cls, config: Config, settings: DockerSettings) -> DockerImageBackend:
+        return cls(config.images, settings)
+
+    def __init__(self, images: Images, settings: DockerSettings | None = None) -> None:
         self.images = images
+        self.settings = settings or DockerSettings()
 
     # -- credentials --------------------------------------------------------
 
@@ -74,7 +100,7 @@ class DockerImageBackend:
         return self._from_docker_config(registry)
 
     def _from_docker_config(self, registry: str) -> dict[str, str] | None:
-        path = self.images.docker_config
+        path = self.settings.config
         if not path:
             return None
         try:
@@ -99,7 +125,7 @@ class DockerImageBackend:
 
         # A fixed API version: "auto" would ask the engine at construction,
         # outside our error mapping. 1.41 is Docker 20.10; newer engines accept it.
-        return self._call(docker.DockerClient, base_url=self.images.docker_host,
+        return self._call(docker.DockerClient, base_url=self.settings.host,
                           timeout=timeout, version="1.41")
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -4,7 +4,7 @@ An installation-package image is, to the agent, a source of two files:
 ``/usr/local/bin/keadm`` (whose CLI matches the target version) and
 ``/usr/local/bin/edgecore``. The docker backend (issue 4) and a containerd
 one (later) implement the same four calls; the local backend reads an
-unpacked image tree ``<local_dir>/<repo>/<tag>/usr/local/bin/…`` so the
+unpacked image tree ``<images.local.dir>/<repo>/<tag>/usr/local/bin/…`` so the
 pipeline can be tested and rehearsed without a container engine.
 """
 
@@ -15,11 +15,15 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.adapters.files import atomic_install
 from agent.errors import FatalError
 from agent.versions import ImageRef
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.config_reader import Section
 
 KEADM = "/usr/local/bin/keadm"
 EDGECORE = "/usr/local/bin/edgecore"
@@ -56,7 +60,24 @@ def verify_digest(info: ImageInfo, expected: str | None) -> None:
         )
 
 
+@dataclass(frozen=True)
+class LocalSettings:
+    """``images.local``: where unpacked images live."""
+
+    dir: str = "/var/lib/edge-upgrade-agent/images"  # a node path
+
+
 class LocalDirImageBackend:
+    @staticmethod
+    def parse_settings(section: Section) -> LocalSettings:
+        settings = LocalSettings(section.path("dir", LocalSettings.dir))
+        section.done()
+        return settings
+
+    @classmethod
+    def from_config(cls, config: Config, settings: LocalSettings) -> LocalDirImageBackend:
+        return cls(config.paths.node(settings.dir))
+
     def __init__(self, root: Path) -> None:
         self.root = root
 

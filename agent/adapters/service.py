@@ -22,10 +22,14 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.adapters.procfs import pid_alive
 from agent.errors import TransientError
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.config_reader import Section
 
 # klog's header: severity, MMDD, time, pid (right-aligned), file:line], message.
 # e.g. "I1130 15:06:04.800382   30539 server.go:103] Version: v1.13.0"
@@ -90,8 +94,29 @@ def parse_show(text: str) -> ServiceStatus:
     )
 
 
+@dataclass(frozen=True)
+class SystemdSettings:
+    """``service.systemd``: nothing yet; the unit (``service.unit``) is keadm's too."""
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """``service.process``: where the detached edgecore writes its log."""
+
+    log_file: str = "/var/log/edgecore.log"  # a node path
+
+
 class SystemctlManager:
     log_name = "journal"  # where logged_version looks: named in reports
+
+    @staticmethod
+    def parse_settings(section: Section) -> SystemdSettings:
+        section.done()
+        return SystemdSettings()
+
+    @classmethod
+    def from_config(cls, config: Config, settings: SystemdSettings) -> SystemctlManager:
+        return cls(config.edgecore_unit)
 
     def __init__(self, unit: str, systemctl: str = "systemctl",
                  journalctl: str = "journalctl") -> None:
@@ -191,6 +216,18 @@ class ProcessManager:
     """
 
     log_name = "log"
+
+    @staticmethod
+    def parse_settings(section: Section) -> ProcessSettings:
+        settings = ProcessSettings(section.path("log_file", ProcessSettings.log_file))
+        section.done()
+        return settings
+
+    @classmethod
+    def from_config(cls, config: Config, settings: ProcessSettings) -> ProcessManager:
+        paths = config.paths
+        return cls(paths.node(paths.edgecore_binary), paths.node(paths.edgecore_config),
+                   paths.node(paths.run_dir) / "edgecore.pid", paths.node(settings.log_file))
 
     def __init__(self, binary: Path, config: Path, pidfile: Path, log: Path) -> None:
         self.binary = binary

@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# What this node runs now (version, labels, current job), for the cloud side.
+Presence = Callable[[], Awaitable[dict[str, Any]]]
+
 
 @dataclass(frozen=True)
 class Inbound:

@@ -21,7 +21,9 @@ import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -29,31 +31,94 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import Config, tls_files
+from agent.config_reader import Section
 from agent.errors import AgentError, ConfigError, TransientError
 from agent.systemd_notify import sd_notify
-from agent.tls import check_tls_files, client_context
-from agent.transport.base import Inbound
+from agent.tls import TlsFiles, check_tls_files, client_context
+from agent.transport.base import Inbound, Presence
+
+if TYPE_CHECKING:
+    from agent.config import Config
 
 log = structlog.get_logger("agent.mqtt")
 PUBACK_TIMEOUT_SECONDS = 30.0
-Presence = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class DeliveryRefused(AgentError):
     """The broker answered a publish with a failure reason code (e.g. 135, ACL)."""
 
 
+@dataclass(frozen=True)
+class MqttSettings:
+    """``transport.mqtt``: the broker, the topics and this node's TLS identity."""
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    # {node} is replaced by node_name; a KubeEdge router rule can relay anywhere.
+    topic_prefix: str = "kubeedge/nodes/{node}/upgrade"
+    # The agent's own files (like its config), so paths.root does not apply.
+    ca_file: str = "/etc/edge-upgrade-agent/tls/ca.crt"
+    cert_file: str = "/etc/edge-upgrade-agent/tls/node.crt"
+    key_file: str = "/etc/edge-upgrade-agent/tls/node.key"
+    keepalive_seconds: int = 30
+    session_expiry_seconds: int = 7 * 86400
+    reconnect_min_seconds: float = 1.0
+    reconnect_max_seconds: float = 60.0
+    cert_check_interval_seconds: float = 10.0
+
+    def topic(self, node: str, leaf: str) -> str:
+        return f"{self.topic_prefix.replace('{node}', node)}/{leaf}"
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(Path(self.ca_file), Path(self.cert_file), Path(self.key_file))
+
+
+def parse_mqtt(m: Section) -> MqttSettings:
+    prefix = m.get("topic_prefix", str, MqttSettings.topic_prefix)
+    if not prefix or prefix.startswith("/") or prefix.endswith("/") or any(
+            c in prefix for c in "#+\0"):
+        raise ConfigError(f"{m.key('topic_prefix')}: {prefix!r} is not a valid topic prefix "
+                          "(no wildcards, no leading or trailing '/')")
+    lo = m.number("reconnect_min_seconds", 1, 0.01, 3600)
+    mqtt = MqttSettings(
+        host=m.get("host", str, MqttSettings.host),
+        port=m.integer("port", 8883, 1, 65535),
+        topic_prefix=prefix,
+        ca_file=m.path("ca_file", MqttSettings.ca_file),
+        cert_file=m.path("cert_file", MqttSettings.cert_file),
+        key_file=m.path("key_file", MqttSettings.key_file),
+        keepalive_seconds=m.integer("keepalive_seconds", 30, 5, 3600),
+        session_expiry_seconds=m.integer("session_expiry_seconds", 7 * 86400, 60, 2**31),
+        reconnect_min_seconds=lo,
+        reconnect_max_seconds=m.number("reconnect_max_seconds", 60, lo, 3600),
+        cert_check_interval_seconds=m.number("cert_check_interval_seconds", 10, 0.1, 3600),
+    )
+    m.done()
+    return mqtt
+
+
 class MqttTransport:
-    def __init__(self, config: Config, presence: Presence) -> None:
-        m = config.transport.mqtt
+    parse_settings = staticmethod(parse_mqtt)
+
+    @classmethod
+    def from_config(cls, config: Config, settings: MqttSettings,
+                    presence: Presence) -> MqttTransport:
+        return cls(config, settings, presence)
+
+    @staticmethod
+    def check_files(settings: MqttSettings) -> None:
+        check_tls_files(settings.tls, "transport.mqtt")
+
+    def __init__(self, config: Config, settings: MqttSettings, presence: Presence) -> None:
+        m = settings
         self.config = config
         self.mqtt = m
         self.node = config.node_name
         self.cmd_topic = m.topic(self.node, "cmd")
         self.status_topic = m.topic(self.node, "status")
         self.presence_topic = m.topic(self.node, "presence")
-        self.files = tls_files(config)
+        self.files = m.tls
         self.presence = presence
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=1000)
         self._client: aiomqtt.Client | None = None

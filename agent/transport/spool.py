@@ -11,14 +11,48 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.adapters.files import fsync_dir
-from agent.transport.base import Inbound
+from agent.transport.base import Inbound, Presence
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.config_reader import Section
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """``transport.spool``: node paths (None: under the state dir) and the scan interval."""
+
+    dir: str | None = None  # None: <state_dir>/spool
+    outbox_dir: str | None = None  # None: <state_dir>/reports
+    poll_interval_seconds: float = 0.5
 
 
 class SpoolTransport:
+    @staticmethod
+    def parse_settings(section: Section) -> SpoolSettings:
+        settings = SpoolSettings(section.path("dir", None), section.path("outbox_dir", None),
+                                 section.number("poll_interval_seconds", 0.5, 0.01, 60))
+        section.done()
+        return settings
+
+    @classmethod
+    def from_config(cls, config: Config, settings: SpoolSettings,
+                    presence: Presence) -> SpoolTransport:
+        def where(path: str | None, default: str) -> Path:
+            return config.paths.node(path) if path else config.state_dir / default
+
+        return cls(where(settings.dir, "spool"), where(settings.outbox_dir, "reports"),
+                   settings.poll_interval_seconds, config.transport.max_message_bytes)
+
+    @staticmethod
+    def check_files(settings: SpoolSettings) -> None:
+        return None  # directories are made at start
+
     def __init__(self, spool_dir: Path, outbox_dir: Path, poll_interval: float,
                  max_bytes: int) -> None:
         self.spool_dir = spool_dir

@@ -18,7 +18,25 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-CACHE = Path(os.environ.get("EDGE_UPGRADE_E2E_CACHE", "/var/tmp/edge-upgrade-agent-e2e"))
+import pytest
+import yaml
+
+from testkit.broker import Broker
+from testkit.dockerenv import (
+    Dockerd,
+    Registry,
+    build_package_image,
+    pull_events,
+    push,
+    remove_image,
+    stream_errors,
+)
+from testkit.kubeedge_real import minconfig
+from testkit.pki import make_pki
+
+# A cache kept across runs (and reboots), as the rootfs build takes a minute.
+CACHE = Path(os.environ.get(
+    "EDGE_UPGRADE_E2E_CACHE", "/var/tmp/edge-upgrade-agent-e2e"))  # noqa: S108
 SUITE = "bookworm"
 PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv,python3-yaml,procps,sudo"
 MIRROR = os.environ.get("EDGE_UPGRADE_E2E_MIRROR", "http://deb.debian.org/debian")
@@ -143,8 +161,6 @@ KEADM_UPGRADE_DIR = Path("/etc/kubeedge/upgrade")
 
 def skip_or_fail(reason: str, *require_env: str) -> NoReturn:
     """pytest.skip, or pytest.fail when any of ``require_env`` is set (CI)."""
-    import pytest
-
     if any(os.environ.get(name) for name in require_env):
         pytest.fail(reason)
     pytest.skip(reason)
@@ -166,7 +182,7 @@ def agent_settings(registry: str, broker_port: int, **overrides: Any) -> dict[st
         "node_name": "node-1",
         "health": {"grace_seconds": 3, "start_timeout_seconds": 20, "poll_interval_seconds": 0.5},
         "precheck": {"reserve_bytes": 0},
-        "images": {"backend": "docker", "docker_config": "",
+        "images": {"backend": "docker", "docker": {"config": ""},
                    "allowed_registries": [registry],
                    "credentials": {registry: {
                        "username": REGISTRY_USER,
@@ -190,8 +206,6 @@ def install_agent(host: EdgeHost, settings: dict[str, Any], pki_dir: Path,
     """TLS files, registry password and agent.yaml (written first: install.sh
     never overwrites an operator's config), then scripts/install.sh from the
     wheelhouse; returns once the unit is active."""
-    import yaml
-
     for name in ("ca.crt", "node-1.crt", "node-1.key"):
         host.put(f"/etc/edge-upgrade-agent/tls/{name}", (pki_dir / name).read_bytes(), 0o600)
     host.put("/etc/edge-upgrade-agent/credentials/registry", REGISTRY_PASSWORD.encode(), 0o600)
@@ -264,9 +278,6 @@ def edgecore_config(version: str) -> bytes:
     """That version's own minconfig, made runnable in a container: no edged
     (needs /dev/kmsg and a CRI), no edgeHub (no cloud); the runtime stays docker,
     which is what keadm v1.12/v1.13 read to find the image store."""
-    import yaml
-    from kubeedge_real import minconfig
-
     path = minconfig(version)
     if path is None:
         raise FileNotFoundError(f"no edgecore-minconfig.yaml of {version} in shared/kubeedge")
@@ -316,8 +327,6 @@ class Rig:
     cannot run here; ``stop`` is safe after a partial start."""
 
     def __init__(self, work: Path, with_broker: bool = True) -> None:
-        from dockerenv import Dockerd, Registry
-
         self.work = work
         self.dockerd = Dockerd(work / "dockerd")
         self.registry = Registry(work / "registry", {REGISTRY_USER: REGISTRY_PASSWORD})
@@ -340,9 +349,6 @@ class Rig:
             name, tag = HOST_IMAGE.split(":")
             self.client.api.import_image_from_data(f, repository=name, tag=tag)
         if self.with_broker:
-            from broker import Broker
-            from pki import make_pki
-
             self.pki = make_pki(self.work / "pki")
             self.broker = Broker(self.pki, self.work / "broker")
             self.broker.start()
@@ -351,8 +357,6 @@ class Rig:
                 repo: str = "kubeedge/installation-package") -> str:
         """Build and push ``<registry>/<repo>:<version>``; removed from the engine
         afterwards, so whoever needs it pulls it with credentials. Returns the ref."""
-        from dockerenv import build_package_image, push, remove_image
-
         ref = f"{self.registry.address}/{repo}:{version}"
         build_package_image(self.client, ref, files)
         push(self.client, ref, REGISTRY_USER, REGISTRY_PASSWORD)
@@ -361,8 +365,6 @@ class Rig:
 
     def pull(self, ref: str) -> None:
         """Pull ``ref`` into the engine with the registry's credentials."""
-        from dockerenv import pull_events, stream_errors
-
         errors = stream_errors(pull_events(self.client, ref, REGISTRY_USER, REGISTRY_PASSWORD))
         if errors:
             raise RuntimeError(f"pull of {ref} failed: {errors}")

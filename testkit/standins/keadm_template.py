@@ -1,6 +1,6 @@
 """Template for the stand-in `keadm` binary.
 
-The builder in tests/standins/__init__.py prepends a shebang, a docstring that
+The builder in testkit/standins/__init__.py prepends a shebang, a docstring that
 holds the version as a bare literal, and VERSION and BEHAVIOUR assignments; the
 fallbacks below only exist so the template itself can be imported and
 type-checked. The generated script must be standalone (stdlib + yaml), which is

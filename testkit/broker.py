@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from pki import Pki, make_pki
+from testkit.pki import Pki, make_pki
 
 __all__ = ["CONFIG_DIR", "DEFAULT_PREFIX", "HOST", "Broker", "BrokerError", "running_broker"]
 
@@ -120,7 +120,7 @@ class Broker:
         missing = set(overrides) - seen
         if missing:
             raise BrokerError(f"production mosquitto.conf lacks {sorted(missing)}: "
-                              "update tests/broker.py with it")
+                              "update testkit/broker.py with it")
         out.append("log_type all")
         return "\n".join(out) + "\n"
 

@@ -1,6 +1,6 @@
 """Template for the stand-in `edgecore` binary.
 
-The builder in tests/standins/__init__.py prepends a shebang, a docstring that
+The builder in testkit/standins/__init__.py prepends a shebang, a docstring that
 holds the version as a bare literal (as a real build holds its -X version), and
 VERSION and BEHAVIOUR assignments; the fallbacks below only exist so the
 template itself can be imported and type-checked. Only stdlib + yaml allowed:

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DIR_ENV = "EDGE_TEST_KUBEEDGE_DIR"
 REQUIRE_ENV = "EDGE_TEST_REQUIRE_REAL_KUBEEDGE"
 CACHE_DIR_ENV = "EDGE_TEST_KUBEEDGE_CACHE"
-DEFAULT_CACHE = Path("/var/tmp/edge-upgrade-agent-kubeedge")
+DEFAULT_CACHE = Path("/var/tmp/edge-upgrade-agent-kubeedge")  # noqa: S108  (kept across runs)
 VERSIONS = ("v1.12.1", "v1.13.0")
 
 _verified: dict[Path, str] = {}

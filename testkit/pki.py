@@ -74,7 +74,8 @@ def _new_key(kind: KeyKind) -> PrivateKey:
         if kind == "rsa2048":
             return rsa.generate_private_key(public_exponent=65537, key_size=2048)
         if kind == "rsa1024":
-            return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+            # Weak on purpose: the agent must refuse it.
+            return rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
     except (ValueError, TypeError) as exc:  # e.g. a FIPS/OpenSSL build without the curve
         raise UnsupportedKey(f"cannot generate a {kind} key: {exc}") from exc
     raise ValueError(f"unknown key kind {kind!r}")

@@ -60,7 +60,7 @@ def _render(template: str, constants: dict[str, object],
         # Like a real build (-X ...version.gitVersion=<tag>), the file holds its
         # version exactly once as a bare literal, a line of its own: nothing
         # printable on either side. VERSION below is quoted, so it is not one.
-        f'"""Stand-in {program} from tests/standins, built as',
+        f'"""Stand-in {program} from testkit/standins, built as',
         version,
         '"""',
     ]

@@ -152,7 +152,7 @@ def _owns_listener(pid: int, port: int) -> bool:
         return False
     for fd in fds:
         try:
-            if os.readlink(fd) in wanted:
+            if str(fd.readlink()) in wanted:
                 return True
         except OSError:
             continue
@@ -207,7 +207,7 @@ def bcrypt_hash(password: str, cost: int = BCRYPT_COST) -> str:
             if hashed and hashed.startswith(b"$2b$"):
                 return str(hashed.decode())
     try:
-        import bcrypt  # type: ignore[import-not-found, unused-ignore]
+        import bcrypt  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
     except ImportError:
         pass
     else:

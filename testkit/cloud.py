@@ -7,10 +7,11 @@ import threading
 from typing import Any
 
 import paho.mqtt.client as paho
-from broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from testkit.broker import Broker
 
 
 class Cloud:
