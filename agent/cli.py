@@ -24,9 +24,9 @@ from agent.config import DEFAULT_CONFIG, Config, check_daemon_files, load_config
 from agent.daemon import run_daemon
 from agent.errors import AgentError
 from agent.execute import execute, recover_all, rehearse
-from agent.journal import Job
 from agent.logs import setup_logging
 from agent.messages.commands import Command, Operation, build_command, new_job_name
+from agent.model import Job
 from agent.node import Node, build_node
 from agent.plan import GO, SKIP, make_plan
 from agent.runner import Runner

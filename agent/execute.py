@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from agent.errors import InvalidCommand
-from agent.journal import Job
 from agent.messages.commands import Command, Operation
 from agent.messages.reports import build_report
+from agent.model import Job
 from agent.node import Node
 from agent.plan import GO, NO_GO, Plan, make_plan
 from agent.runner import Runner

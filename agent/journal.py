@@ -16,13 +16,14 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent.errors import JournalError
 from agent.messages.commands import Command
-from agent.states import TERMINAL, Action, Note, State
+from agent.model import ActionStatus, Job
+from agent.states import Action, State
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
@@ -56,60 +57,7 @@ CREATE TABLE IF NOT EXISTS seen(
 );
 """
 
-ReportFn = Callable[["Job"], dict[str, Any]]
-
-
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@dataclass(frozen=True)
-class ActionStatus:
-    """One v1alpha2 ActionStatus / UpstreamMessage entry."""
-
-    action: Action
-    succ: bool
-    reason: str
-    finish_time: str
-    extend: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "action": self.action.value,
-            "succ": self.succ,
-            "reason": self.reason,
-            "finishTime": self.finish_time,
-            "extend": self.extend,
-        }
-
-
-@dataclass(frozen=True)
-class Job:
-    key: str
-    command: Command
-    state: State
-    reason: str = ""
-    from_version: str | None = None
-    entries: tuple[tuple[str, int], ...] = ()
-    actions: tuple[ActionStatus, ...] = ()
-    # Small typed-by-convention facts steps leave for later steps and for
-    # recovery (backup dir, log path, image digest); values are strings.
-    notes: tuple[tuple[str, str], ...] = ()
-    seq: int = 0
-    final_reported: bool = False
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
-
-    def entry_count(self, state: State) -> int:
-        return dict(self.entries).get(state.value, 0)
-
-    def note(self, name: Note) -> str | None:
-        return dict(self.notes).get(name.value)
+ReportFn = Callable[[Job], dict[str, Any]]
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:

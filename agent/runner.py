@@ -30,10 +30,10 @@ from agent.errors import (
     StepError,
 )
 from agent.faults import fault_point
-from agent.journal import ActionStatus, Job, utc_now
 from agent.locks import check_marker, keadm_pids
 from agent.messages.commands import Command, Operation
 from agent.messages.reports import build_report
+from agent.model import ActionStatus, Job, utc_now
 from agent.node import RECORD_KEY, Node
 from agent.states import NODE_TOUCHED, Action, Note, State
 from agent.steps.backup import list_backups, make_backup, prune_backups
@@ -82,14 +82,19 @@ class Runner:
 
     def advance(self, job: Job, state: State, reason: str = "", *,
                 action: tuple[Action, bool] | None = None, notes: dict[Note, str] | None = None,
-                log_tail: str | None = None) -> Job:
-        """Commit the next state and its report in one transaction."""
+                log_tail: str | None = None, entered: bool | None = None) -> Job:
+        """Commit the next state and its report in one transaction.
+
+        ``entered`` counts an entry for the loop breaker; by default a move to
+        another state does and news within a state (image staged) does not.
+        """
         actions = job.actions
         if action is not None:
             extend = f"{job.from_version or ''},{job.command.version or ''}"
             actions += (ActionStatus(action[0], action[1], reason, utc_now(), extend),)
         entries = dict(job.entries)
-        entries[state.value] = entries.get(state.value, 0) + 1
+        if entered if entered is not None else state != job.state:
+            entries[state.value] = entries.get(state.value, 0) + 1
         merged = {**dict(job.notes), **{k.value: v for k, v in (notes or {}).items()}}
         job = replace(job, state=state, reason=reason, actions=actions,
                       entries=tuple(sorted(entries.items())), notes=tuple(sorted(merged.items())))
@@ -212,7 +217,8 @@ class Runner:
         if job.state == State.AWAITING_CONFIRMATION:
             return job
         # The re-entry is journalled, so the loop breaker sees repeated interruptions.
-        return self.advance(job, job.state, f"resumed in {job.state.value}: {why}")
+        return self.advance(job, job.state, f"resumed in {job.state.value}: {why}",
+                            entered=True)
 
     # -- handlers -----------------------------------------------------------
 
@@ -280,7 +286,9 @@ class Runner:
     def confirm(self, job: Job) -> Job:
         if job.state != State.AWAITING_CONFIRMATION:
             raise InvalidCommand(f"job {job.key} is {job.state.value}, not awaiting confirmation")
-        return self.advance(job, State.PRECHECKED, "confirmed", notes={Note.CONFIRMED: "yes"})
+        # A return to the state it was parked in, not a retry: the breaker ignores it.
+        return self.advance(job, State.PRECHECKED, "confirmed", notes={Note.CONFIRMED: "yes"},
+                            entered=False)
 
     async def _back_up(self, job: Job) -> Job:
         assert job.from_version is not None

@@ -22,9 +22,10 @@ from agent.adapters.files import FileDigest, copy_hashed, sha256_file
 from agent.adapters.service import SystemctlManager, parse_show, version_in_log
 from agent.config import load_config, parse_config
 from agent.errors import ConfigError, InvalidCommand
-from agent.journal import Job, Journal
+from agent.journal import Journal
 from agent.messages.commands import Operation, build_command, parse_envelope
 from agent.messages.reports import build_report
+from agent.model import Job
 from agent.node import build_node
 from agent.runner import Runner
 from agent.states import State

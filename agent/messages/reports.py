@@ -13,7 +13,7 @@ from agent.messages.commands import Operation
 from agent.states import Note, State, kubeedge_phase, kubeedge_result
 
 if TYPE_CHECKING:
-    from agent.journal import Job
+    from agent.model import Job
 
 SCHEMA = "edge-upgrade-agent/report/v1"
 
