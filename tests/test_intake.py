@@ -1,0 +1,154 @@
+"""Intake's command policy and the daemon's message loop, in-process.
+
+The policy (accept, duplicate, confirm, cancel, reject) lives in
+``agent/intake.py``; these tests drive it, and the daemon's intake and
+report loops, over ``testkit.fakes`` in milliseconds. ``tests/test_daemon.py``
+runs the same policy through the real daemon process and spool directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.daemon import Daemon
+from agent.intake import Intake, Parser
+from agent.node import Node
+from agent.runner import Runner
+from agent.states import State
+from agent.transport.base import Inbound
+from testkit.fakes import MemoryTransport, fake_node
+
+TARGET = "v1.13.0"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = fake_node(tmp_path)
+    yield n
+    n.close()
+
+
+class Policy:
+    def __init__(self, node: Node, running: str | None = None) -> None:
+        self.node = node
+        self.queued: list[str] = []
+        self.running = running
+        self.runner = Runner(node)
+        self.intake = Intake(node, self.runner, Parser(node.config), self.queued.append,
+                             lambda: self.running)
+        self.acks = 0
+
+    def take(self, body: dict[str, Any] | bytes) -> Any:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+        async def ack() -> None:
+            self.acks += 1
+
+        return self.intake.accept(Inbound("test", raw, ack))
+
+    def reports(self) -> list[dict[str, Any]]:
+        return [report for _, report in self.node.journal.outbox(limit=1000)]
+
+
+def test_a_new_upgrade_is_journalled_and_queued_once(node: Node) -> None:
+    p = Policy(node)
+    assert p.take({"jobName": "up-1", "version": TARGET}) is None
+    assert p.take({"jobName": "up-1", "version": TARGET}) is None  # a duplicate while it waits
+    job = node.journal.get("up-1")
+    assert job is not None and job.state == State.RECEIVED
+    assert p.queued == ["up-1"]
+    assert [r["phase"] for r in p.reports()] == ["received"]
+
+
+def test_a_duplicate_of_a_finished_job_gets_its_final_report_again(node: Node) -> None:
+    p = Policy(node)
+    p.take({"jobName": "up-1", "version": TARGET})
+    job = node.journal.get("up-1")
+    assert job is not None
+    p.runner.advance(job, State.SUCCEEDED, "done")
+    p.take({"jobName": "up-1", "version": TARGET})
+    finals = [r for r in p.reports() if r["phase"] == "succeeded"]
+    assert len(finals) == 2 and p.queued == ["up-1"]
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ({"jobName": "bad-1", "version": "v1.13"}, "version"),
+    ({"jobName": "bad-2", "operation": "format-disk"}, "unknown operation"),
+    ({"jobName": "bad-3", "version": TARGET, "nodeName": "other-node"}, "other-node"),
+    ({"jobName": "bad-4", "operation": "rollback", "dryRun": True}, "has no dry run"),
+])
+def test_an_invalid_command_is_rejected_with_a_report(node: Node, body: dict[str, Any],
+                                                      reason: str) -> None:
+    p = Policy(node)
+    assert p.take(body) is None
+    job = node.journal.get(f"rejected-{body['jobName']}")
+    assert job is not None and job.state == State.REJECTED and reason in job.reason
+    assert p.queued == []
+    assert p.reports()[-1]["phase"] == "rejected"
+
+
+def test_a_dry_run_is_handed_back_to_rehearse_not_journalled(node: Node) -> None:
+    p = Policy(node)
+    cmd = p.take({"jobName": "chk", "operation": "check", "version": TARGET})
+    assert cmd is not None and cmd.dry_run and node.journal.get("chk") is None
+
+
+def test_confirm_releases_a_parked_job_and_ignores_an_unknown_one(node: Node) -> None:
+    p = Policy(node)
+    p.take({"jobName": "up-1", "version": TARGET, "requireConfirmation": True})
+    job = node.journal.get("up-1")
+    assert job is not None
+    p.runner.advance(job, State.AWAITING_CONFIRMATION, "waiting")
+    p.take({"jobName": "nobody", "operation": "confirm"})
+    p.take({"jobName": "up-1", "operation": "confirm"})
+    confirmed = node.journal.get("up-1")
+    assert confirmed is not None and confirmed.state == State.PRECHECKED
+    assert p.queued == ["up-1", "up-1"]
+
+
+def test_cancel_of_the_running_job_waits_for_a_step_boundary(node: Node) -> None:
+    p = Policy(node, running="up-1")
+    p.take({"jobName": "up-1", "version": TARGET})
+    p.take({"jobName": "up-1", "operation": "cancel"})
+    job = node.journal.get("up-1")
+    assert job is not None and job.state == State.RECEIVED  # not yet: the worker acts
+    assert "up-1" in p.runner.cancel_requests
+
+
+def test_cancel_of_a_waiting_job_is_answered_at_once(node: Node) -> None:
+    p = Policy(node)
+    p.take({"jobName": "up-1", "version": TARGET})
+    p.take({"jobName": "up-1", "operation": "cancel"})
+    job = node.journal.get("up-1")
+    assert job is not None and job.terminal and "cancel" in job.reason
+
+
+async def test_daemon_acks_after_journalling_and_delivers_through_an_outage(
+        node: Node) -> None:
+    daemon = Daemon(node, Parser(node.config))
+    link = MemoryTransport()
+    daemon.transport = link
+    link.fail_next = 2  # the broker is away for the first two publishes
+    tasks = [asyncio.ensure_future(c) for c in (daemon.take_commands(), daemon.reporter())]
+    try:
+        link.send(b"\xff not json")
+        link.send(json.dumps({"jobName": "bad-v", "version": "one"}).encode())
+        for _ in range(800):
+            if len(link.acked) == 2 and any(r["jobKey"] == "rejected-bad-v"
+                                           for r in link.published):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(link.acked) == 2  # both messages left the transport, journalled or answered
+    assert [r["phase"] for r in link.published if r["jobKey"] == "rejected-bad-v"] == \
+        ["rejected"]
+    assert node.journal.outbox() == []  # delivered once the link was back: nothing lost
