@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 IMAGE_BACKENDS = {
     "local": "agent.adapters.images:LocalDirImageBackend",
     "docker": "agent.adapters.docker_images:DockerImageBackend",
+    "containerd": "agent.adapters.containerd_images:ContainerdImageBackend",
+    "auto": "agent.adapters.auto_images:AutoImageBackend",  # edgecore's runtime decides
 }
 SERVICE_MANAGERS = {
     "systemd": "agent.adapters.service:SystemctlManager",

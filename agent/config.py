@@ -93,6 +93,17 @@ class Images:
     credentials: tuple[RegistryAuth, ...] = ()
     progress_interval_seconds: float = 5.0
 
+    # Every other backend's sub-section that was present, parsed (for ``auto``).
+    others: tuple[tuple[str, Any], ...] = ()
+
+    def settings_for(self, name: str) -> Any:
+        """A backend's settings: chosen, present in the file, or its defaults."""
+        if name == self.backend:
+            return self.settings
+        found = dict(self.others).get(name)
+        return found if found is not None else \
+            image_plugin(name).parse_settings(Section(None, f"images.{name}"))
+
     def allows(self, registry: str, repo: str) -> bool:
         if registry not in self.allowed_registries:
             return False
@@ -224,14 +235,16 @@ def parse_config(data: Any) -> Config:
 
     im = top.section("images")
     backend = im.choice("backend", "local", tuple(IMAGE_BACKENDS))
+    others: dict[str, Any] = {}
     images = Images(
         backend,
-        _backend_settings(im, backend, IMAGE_BACKENDS, image_plugin),
+        _backend_settings(im, backend, IMAGE_BACKENDS, image_plugin, others),
         im.get("default_repo", str, Images.default_repo),
         _strings(im, "allowed_registries", Images.allowed_registries),
         _strings(im, "allowed_repositories", ()),
         _credentials(im.section("credentials")),
         im.number("progress_interval_seconds", 5, 0.1, 3600),
+        tuple(sorted(others.items())),
     )
     try:
         ref = parse_image(images.default_repo)
@@ -296,7 +309,8 @@ def parse_config(data: Any) -> Config:
 
 
 def _backend_settings(section: Section, chosen: str, table: dict[str, str],
-                      plugin: Callable[[str], Configurable]) -> Any:
+                      plugin: Callable[[str], Configurable],
+                      others: dict[str, Any] | None = None) -> Any:
     """Parse the chosen backend's sub-section, and check any other that is present.
 
     One file may carry several sub-sections and switch by name; a typo in one
@@ -306,7 +320,9 @@ def _backend_settings(section: Section, chosen: str, table: dict[str, str],
     for name in table:
         other = section.section(name) if name != chosen else None
         if other is not None and other.data:
-            plugin(name).parse_settings(other)
+            parsed = plugin(name).parse_settings(other)
+            if others is not None:
+                others[name] = parsed
     return plugin(chosen).parse_settings(section.section(chosen))
 
 

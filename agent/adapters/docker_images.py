@@ -12,10 +12,8 @@ the idle daemon does not pay for it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import io
-import json
 import os
 import tarfile
 import time
@@ -23,16 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.adapters.credentials import registry_auth
 from agent.adapters.files import fsync_dir
 from agent.adapters.images import ImageInfo, Progress
+from agent.adapters.registry import RegistryClient, node_platform
 from agent.config_reader import Section, optional_path
-from agent.errors import ConfigError, FatalError, TransientError
+from agent.errors import AgentError, ConfigError, FatalError, TransientError
 from agent.versions import ImageRef
 
 if TYPE_CHECKING:
     from agent.config import Config, Images
 
-HUB_KEYS = ("docker.io", "https://index.docker.io/v1/", "index.docker.io")
 MAX_EXTRACT_BYTES = 512 * 1024 * 1024
 CHUNK = 1024 * 1024
 
@@ -85,38 +84,7 @@ class DockerImageBackend:
         Never None: given None the SDK would fall back to the process's own
         ~/.docker/config.json, which the operator may have turned off.
         """
-        return self._lookup_auth(registry) or {}
-
-    def _lookup_auth(self, registry: str) -> dict[str, str] | None:
-        for cred in self.images.credentials:
-            if cred.registry == registry:
-                try:
-                    password = Path(cred.password_file).read_text(encoding="utf-8").strip()
-                except OSError as exc:
-                    raise FatalError(f"cannot read the password file for {registry}: "
-                                     f"{exc.strerror}") from None
-                if password:  # an empty file (systemd's SetCredential default): no entry
-                    return {"username": cred.username, "password": password}
-        return self._from_docker_config(registry)
-
-    def _from_docker_config(self, registry: str) -> dict[str, str] | None:
-        path = self.settings.config
-        if not path:
-            return None
-        try:
-            auths = json.loads(Path(path).read_text(encoding="utf-8")).get("auths", {})
-        except (OSError, ValueError, AttributeError):
-            return None
-        keys = HUB_KEYS if registry == "docker.io" else (registry, f"https://{registry}")
-        for key in keys:
-            entry = auths.get(key) if isinstance(auths, dict) else None
-            if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
-                try:
-                    user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                except (ValueError, UnicodeDecodeError):
-                    return None
-                return {"username": user, "password": password}
-        return None
+        return registry_auth(self.images, registry, self.settings.config) or {}
 
     # -- the SDK, lazily ------------------------------------------------------
 
@@ -336,48 +304,14 @@ def _short_repo(repo: str) -> str:
     return repo
 
 
-_MANIFESTS = ("application/vnd.docker.distribution.manifest.v2+json, "
-              "application/vnd.docker.distribution.manifest.list.v2+json, "
-              "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json")
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
-
-
 def registry_size(ref: ImageRef, auth: dict[str, str] | None) -> int:
-    """Compressed size of the image from its registry manifest, 0 when unknown.
+    """Compressed size of this node's build of the image, 0 when unknown.
 
-    Only for the free-space precheck, so any failure (token-based auth such
-    as Docker Hub's, an unreachable registry) just means "unknown".
+    Only for the free-space precheck, so any failure (an unreachable
+    registry, an unknown auth scheme) just means "unknown".
     """
-    import urllib.error  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
-
-    if ref.registry == "docker.io":
-        return 0
-    host = ref.registry
-    scheme = "http" if host.split(":")[0] in ("127.0.0.1", "localhost") else "https"
-    path = ref.repo[len(host) + 1:]
-    headers = {"Accept": _MANIFESTS}
-    if auth:
-        token = base64.b64encode(f"{auth['username']}:{auth['password']}".encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
-
-    def get(reference: str) -> Any:
-        url = f"{scheme}://{host}/v2/{path}/manifests/{reference}"
-        req = urllib.request.Request(url, headers=headers)  # noqa: S310 (scheme fixed above)
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
-            return json.loads(resp.read(4 * 1024 * 1024))
-
     try:
-        manifest = get(ref.tag or "latest")
-        if "manifests" in manifest:  # an index: pick this machine's architecture
-            arch = _ARCH.get(os.uname().machine, os.uname().machine)
-            match = [m for m in manifest["manifests"]
-                     if m.get("platform", {}).get("architecture") == arch]
-            if not match:
-                return 0
-            manifest = get(match[0]["digest"])
-        layers = manifest.get("layers", [])
-        return int(manifest.get("config", {}).get("size", 0)) + sum(
-            int(layer.get("size", 0)) for layer in layers)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, urllib.error.URLError):
+        return RegistryClient(ref, auth, timeout=10).resolve(ref.tag or "latest",
+                                                              node_platform()).size
+    except (AgentError, OSError, ValueError):
         return 0
