@@ -89,6 +89,18 @@ class Containerd:
     def remove_image(self, name: str) -> None:
         self.ctr("images", "rm", "--sync", name, check=False)
 
+    def clear(self, namespace: str = "k8s.io") -> None:
+        """Remove every image, CRI's ``sha256:<id>`` names included, and collect."""
+        for name in self.images(namespace):
+            self.ctr("images", "rm", "--sync", name, namespace=namespace, check=False)
+        self.collect()
+
+    def collect(self) -> None:
+        """Drop every lease (ctr's pulls hold one for 24 h) and the content they kept."""
+        for line in self.ctr("leases", "ls").stdout.splitlines()[1:]:
+            if line.split():
+                self.ctr("leases", "rm", "--sync", line.split()[0], check=False)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

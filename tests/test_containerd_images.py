@@ -158,6 +158,9 @@ def test_a_multi_arch_index_resolves_to_this_node(env: Env, tmp_path: Path) -> N
     assert env.containerd.images()[cri_name(ref)] == digest
     files = run(backend.extract(ref, [KEADM], tmp_path / "out"))
     assert files[KEADM].read_bytes() == b"keadm for this node\n"
+    # Again, from containerd's own content this time (the pull's copy is used up).
+    files = run(backend.extract(ref, [KEADM], tmp_path / "again"))
+    assert files[KEADM].read_bytes() == b"keadm for this node\n"
     # An index without this node's platform is refused by name.
     env.pusher.push_index(REPO, "v1.20.1", [theirs])
     with pytest.raises(FatalError, match=f"no linux/{here}"):

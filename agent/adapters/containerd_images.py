@@ -38,7 +38,7 @@ from typing import IO, TYPE_CHECKING
 from agent.adapters.credentials import registry_auth
 from agent.adapters.docker_images import MAX_EXTRACT_BYTES
 from agent.adapters.files import fsync_dir
-from agent.adapters.images import ImageInfo, Progress
+from agent.adapters.images import EDGECORE, KEADM, ImageInfo, Progress
 from agent.adapters.registry import (
     CHUNK,
     INDEXES,
@@ -49,7 +49,7 @@ from agent.adapters.registry import (
     pick_platform,
 )
 from agent.config_reader import Section
-from agent.errors import ConfigError, FatalError, TransientError
+from agent.errors import AgentError, ConfigError, FatalError, TransientError
 from agent.versions import ImageRef
 
 if TYPE_CHECKING:
@@ -157,13 +157,20 @@ class ContainerdImageBackend:
             progress(f"image {ref} already in containerd ({self.settings.namespace}), "
                      f"{resolved.digest}")
             return ImageInfo(ref, resolved.digest, resolved.size, True)
+        # One job at a time holds the lock: anything here is a crashed job's leftover.
+        await asyncio.to_thread(shutil.rmtree, self.downloads, True)
         work = self.downloads / resolved.digest.replace(":", "-")
         try:
             await asyncio.to_thread(self._fetch, ref, resolved, work, deadline, progress)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FatalError(f"pull of {ref} did not finish within the job deadline")
-            await asyncio.to_thread(self._import, ref, resolved, work, min(left, 900))
+            # keadm and edgecore are read from the downloaded layers while containerd
+            # imports them: extract() then finds them here instead of streaming the
+            # layers back out of containerd (both on one core each).
+            await asyncio.gather(
+                asyncio.to_thread(self._import, ref, resolved, work, min(left, 900)),
+                asyncio.to_thread(self._prefetch, ref, resolved, work))
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
         got = await self._local_digest(ref)
@@ -230,11 +237,39 @@ class ContainerdImageBackend:
         if proc.returncode != 0:
             raise _classify(err.decode(errors="replace"))
 
+    def _cache(self, digest: str) -> Path:
+        return self.downloads / f"{digest.replace(':', '-')}.files"
+
+    def _prefetch(self, ref: ImageRef, resolved: Resolved, work: Path) -> None:
+        """Take keadm and edgecore from the downloaded layers into the files cache."""
+        cache = self._cache(resolved.digest)
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp = cache.with_name(cache.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        job = _Extraction(ref, [KEADM, EDGECORE], tmp)
+        try:
+            for layer in reversed(resolved.layers):
+                if not job.pending():
+                    break
+                with (work / "blobs" / "sha256" / layer.digest[7:]).open("rb") as blob:
+                    job.scan(blob)
+        except (AgentError, OSError, tarfile.TarError):
+            job.found.clear()  # extract() reads from containerd and says what is wrong
+        if job.pending():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        fsync_dir(tmp)
+        tmp.rename(cache)
+
     async def extract(self, ref: ImageRef, files: list[str], dest: Path) -> dict[str, Path]:
         target = await self._local_digest(ref)
         if target is None:
             raise FatalError(f"image {cri_name(ref)} is not in containerd "
                              f"({self.settings.namespace})")
+        cache = self._cache(target)
+        if cache.is_dir() and all((cache / Path(f).name).is_file() for f in files):
+            return await asyncio.to_thread(_move_all, cache, files, dest)
         top = await self._content(target)
         data = json.loads(top)
         if data.get("mediaType") in INDEXES or "manifests" in data:
@@ -316,6 +351,18 @@ class _Extraction:
             os.fsync(out.fileno())
         tmp.replace(target)
         self.found[self.wanted[path]] = target
+
+
+def _move_all(cache: Path, files: list[str], dest: Path) -> dict[str, Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in files:
+        target = dest / Path(name).name
+        os.replace(cache / Path(name).name, target)  # the state dir: one filesystem
+        out[name] = target
+    fsync_dir(dest)
+    shutil.rmtree(cache, ignore_errors=True)
+    return out
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -145,9 +145,7 @@ def make_node(
     write_edgecore(root / _BIN / "edgecore", version)
     db_path = root / _DB
     edged: dict[str, object] = {"hostnameOverride": node_name}
-    if config_version_field:
-        edged["edgecoreVersion"] = version
-    config = {
+    config: dict[str, object] = {
         "apiVersion": "edgecore.config.kubeedge.io/v1alpha2",
         "kind": "EdgeCore",
         "database": {"dataSource": str(db_path)},
@@ -162,6 +160,9 @@ def make_node(
             },
         },
     }
+    if config_version_field:
+        # A top-level field of EdgeCoreConfig, as v1.21+ edgecore writes it.
+        config["edgecoreVersion"] = version
     config_path = root / _CONFIG
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

@@ -18,6 +18,14 @@ What it imitates of the real edgecore (v1.12.1 and v1.13.0 measured, see
 * Bad flags: ``Error: ...`` plus usage on stderr, exit 1.
 * The first line it logs (stderr, klog format, its own pid) is
   ``Version: <version>``; no other line carries the version.
+* From v1.21, at every start, it rewrites its config file (README, "Facts
+  about later releases"): it sets the top-level ``edgecoreVersion`` to its
+  version and drops what it does not know. The stand-in knows only the
+  top-level keys in _KNOWN_TOP_LEVEL (v1alpha2 EdgeCoreConfig: TypeMeta,
+  DataBase, Modules, FeatureGates, EdgeCoreVersion), keeps their values as
+  they are except for an ``edgecoreVersion`` nested below them (not a field
+  there), and writes the keys sorted, as sigs.k8s.io/yaml marshals. Before
+  v1.21 the file is only read: never written, its bytes and mtime unchanged.
 """
 
 import json
@@ -63,11 +71,53 @@ values in this file. (default "/etc/kubeedge/config/edgecore.yaml")
   -h, --help                             help for edgecore
 """
 _HELP = "Edgecore is the core edge part of KubeEdge (test stand-in).\n\n" + _USAGE
+# The top-level keys of edgecore.yaml that a v1.21+ stand-in keeps; any other
+# top-level key is dropped when it rewrites the file at start.
+_KNOWN_TOP_LEVEL = ("apiVersion", "kind", "database", "modules", "featureGates",
+                    "edgecoreVersion")
+_VERSION_KEYS = ("edgecoreVersion", "edgeCoreVersion")
 
 
 def _server_go_lines() -> tuple[int, int]:
     match = re.match(r"v1\.(\d+)\.", _VERSION)
     return _SERVER_GO_LINES.get(int(match.group(1)) if match else 0, (62, 103))
+
+
+def _rewrites_config() -> bool:
+    """v1.21 and later rewrite edgecore.yaml at every start."""
+    match = re.match(r"v(\d+)\.(\d+)\.", _VERSION)
+    return match is not None and (int(match.group(1)), int(match.group(2))) >= (1, 21)
+
+
+def _without_version_keys(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without_version_keys(v) for k, v in data.items() if k not in _VERSION_KEYS}
+    if isinstance(data, list):
+        return [_without_version_keys(v) for v in data]
+    return data
+
+
+def _rewrite_config(config_path: str, config: dict[str, Any]) -> None:
+    """What v1.21+ does at start: edgecoreVersion set, unknown fields dropped."""
+    out = {key: _without_version_keys(value) for key, value in config.items()
+           if key in _KNOWN_TOP_LEVEL and key != "edgecoreVersion"}
+    out["edgecoreVersion"] = _VERSION
+    text = yaml.safe_dump(out, sort_keys=True)
+    # The real one writes in place (os.WriteFile); replacing the file keeps a
+    # reader (the agent reading edgecoreVersion) from ever seeing half of it.
+    tmp = f"{config_path}.edgecore-tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, os.stat(config_path).st_mode & 0o7777)
+        os.replace(tmp, config_path)
+    except OSError as exc:
+        _klog("E", "server.go:112", f"failed to write config file {config_path}: {exc}")
+        return
+    dropped = sorted(str(k) for k in config if k not in _KNOWN_TOP_LEVEL)
+    _log(f"updated edgecoreVersion in {config_path}"
+         + (f", dropped unknown fields {', '.join(dropped)}" if dropped else ""),
+         "server.go:113")
 
 
 def _klog(severity: str, where: str, msg: str) -> None:
@@ -201,6 +251,8 @@ def _run(config_path: str) -> int:
         return _exit(f"failed to load config {config_path}: not a mapping", exit_line + 5)
     # Like every real release: the version is the first line logged at start.
     _log(f"Version: {_VERSION}", f"server.go:{version_line}")
+    if _rewrites_config():
+        _rewrite_config(config_path, config)
     default_db = os.path.join(_root_from_config(config_path), "var/lib/kubeedge/edgecore.db")
     db_path = str(_section(config, "database").get("dataSource") or default_db)
     try:

@@ -8,7 +8,8 @@ why the edgecore start/stop helpers duplicate those in __init__.py instead of
 importing them.
 
 The upgrade follows the real keadm of each era (sources at the release tags,
-v1.13.0 measured; ../shared/kubeedge/README.md):
+v1.13.0 measured, v1.20.0 and v1.23.1 observed; ../shared/kubeedge/README.md,
+../shared/design/kubeedge.md):
 
 * Era A, ``keadm upgrade --upgradeID --historyID --fromVersion --toVersion
   --config --image`` (v1.12-v1.15), and Era B, ``keadm upgrade edge ...``
@@ -20,11 +21,26 @@ v1.13.0 measured; ../shared/kubeedge/README.md):
   ``/etc/kubeedge/upgrade/<toVersion>/`` (left behind), stop edgecore (on
   systemd: stop, disable, delete the unit file, daemon-reload), install the
   binary, write keadm's own unit file, daemon-reload, enable, start; log that
-  the report to the cloud failed; exit 0.
-* Era C, ``keadm upgrade edge --force ...`` (v1.21+, or any ``--force``): no
-  backup, the unit file is kept; without ``--force`` (and without
-  ``--upgradeID``) it asks y/N on stdin and, with no "y", does nothing and
-  exits 0.
+  the report to the cloud (``edgeHub.httpServer``) failed; exit 0.
+* Era B pulls ``--image`` exactly as given: no default, no tag added, so a
+  bare repo means ``<repo>:latest``, which is not there: exit 1, edgecore
+  untouched. ``--toVersion`` only names the staging dir.
+* Era C, ``keadm upgrade edge --force ...`` (v1.21+, or any ``--force``):
+  pulls ``<--image, default kubeedge/installation-package>:<--toVersion>``
+  (a tagged ``--image`` makes ``<repo>:<tag>:<toVersion>``: invalid, exit 1);
+  without ``--force`` (and without ``--upgradeID``) it asks y/N on stdin and,
+  with no "y", does nothing and exits 0. No backup, the unit file is kept,
+  the staging dir is removed at the end, and the result goes to
+  ``/etc/kubeedge/upgrade_report.json``. The current version comes from
+  MetaServer's kubeletVersion, else ``edgecoreVersion`` in the config.
+* Eras B and C pull through CRI only (v1.19+): ImageStatus first, no pull when
+  the image is in the runtime's store, never any registry credentials; the
+  new edgecore is copied out of the image by a privileged pod sandbox. With
+  ``EDGE_STANDIN_CRI_SOCKET`` set (a containerd socket), the stand-in asks
+  that containerd (``ctr ... images ls name==<CRI name>``, namespace k8s.io):
+  present, it goes on; absent, the pull fails as an anonymous pull from a
+  private registry does (401). Without it, the package's edgecore beside the
+  stand-in is "the image", present under any explicit tag (not ``latest``).
 
 Under a sandbox root (EDGE_UPGRADE_ROOT, no systemd) edgecore is stopped and
 started through <root>/run/edgecore.pid, and the unit rewrite applies to
@@ -38,9 +54,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -55,6 +73,23 @@ _UNIT = "edgecore.service"
 _BINARY_ON_HOST = "/usr/local/bin/edgecore"
 # Lets agent tests assert the exact argv the agent chose for each keadm era.
 _ARGV_LOG_ENV = "KEADM_STANDIN_ARGV_LOG"
+# A containerd socket: Eras B and C then ask it, as CRI ImageStatus does, whether
+# the image is in the runtime's store (see _image_present).
+_CRI_SOCKET_ENV = "EDGE_STANDIN_CRI_SOCKET"
+_CRI_NAMESPACE = "k8s.io"  # the only namespace CRI's ImageStatus sees
+# The docker/distribution reference grammar, as CRI parses an image name.
+_DOMAIN = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])" \
+          r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*(?::[0-9]+)?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
+_REFERENCE = re.compile(
+    rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+# Where an Era C keadm (v1.21+) writes its result; the new edgecore relays it to
+# the cloud and deletes it (edge/pkg/taskmanager/hub_connected_hooker.go).
+_UPGRADE_REPORT = os.path.join("etc", "kubeedge", "upgrade_report.json")
+_DEFAULT_HTTP_SERVER = "https://127.0.0.1:10002"
 _USAGE = """Usage:
   keadm version
   keadm upgrade --toVersion T [--upgradeID ID --historyID HID --fromVersion F --config C --image I]
@@ -401,6 +436,128 @@ def _backup(root: str, config: str, cfg: dict[str, Any], from_version: str) -> N
     _progress(f"backed up edgecore.db, edgecore.yaml and edgecore to {backup}")
 
 
+def _split_reference(ref: str) -> tuple[str, str, str]:
+    """(name, tag, digest) of a valid reference; tag and digest may be empty."""
+    name, _, digest = ref.partition("@")
+    slash, colon = name.rfind("/"), name.rfind(":")
+    tag = ""
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+    return name, tag, digest
+
+
+def _cri_name(ref: str) -> str:
+    """The name CRI gives ``ref``: ``docker.io/library/x:tag`` for ``x:tag``,
+    ``docker.io/<ns>/<name>:tag`` for a Docker Hub path without a host, any
+    other host unchanged; no tag and no digest means ``:latest``."""
+    name, tag, digest = _split_reference(ref)
+    first, slash, rest = name.partition("/")
+    if not slash or not ("." in first or ":" in first or first == "localhost"):
+        name = "docker.io/" + (name if slash else f"library/{name}")
+    elif first == "docker.io" and "/" not in rest:
+        name = f"docker.io/library/{rest}"
+    if not tag and not digest:
+        tag = "latest"
+    return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+
+
+def _image_present(ref: str, normalized: str) -> bool:
+    """CRI ImageStatus: is ``normalized`` in the runtime's store?
+
+    With EDGE_STANDIN_CRI_SOCKET, the stand-in asks that containerd with
+    ``ctr images ls`` (argv list, no shell), in CRI's namespace k8s.io; the
+    output has a header line, then one line per image, its name first.
+    Without it, the package's edgecore beside this script is the image,
+    present under any explicit tag (there is no ``latest`` in that store).
+    """
+    sock = os.environ.get(_CRI_SOCKET_ENV)
+    if not sock:
+        return _split_reference(ref)[1] not in ("", "latest") or "@" in ref
+    argv = ["ctr", "--address", sock, "--namespace", _CRI_NAMESPACE,
+            "images", "ls", f"name=={normalized}"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise _StepError(f"failed to get image status {normalized}: {exc}") from exc
+    if proc.returncode != 0:
+        detail = proc.stderr.strip() or f"exit status {proc.returncode}"
+        raise _StepError(f"failed to get image status {normalized}: rpc error: "
+                         f"code = Unavailable desc = {detail}")
+    return any(line.split()[:1] == [normalized] for line in proc.stdout.splitlines()[1:])
+
+
+def _pull(ref: str) -> str:
+    """Make sure ``ref`` is in the runtime's store, the way keadm v1.19+ does
+    through CRI (never with registry credentials); its CRI name, or raises
+    _StepError with keadm's text ("failed to pull image <ref>: ...")."""
+    if not _REFERENCE.fullmatch(ref):
+        raise _StepError(f"failed to pull image {ref}: rpc error: code = Unknown desc = "
+                         f'failed to pull and unpack image "{ref}": failed to resolve '
+                         f'reference "{ref}": invalid reference format')
+    normalized = _cri_name(ref)
+    try:
+        present = _image_present(ref, normalized)
+    except _StepError as exc:
+        raise _StepError(f"failed to pull image {ref}: {exc}") from exc
+    if present:
+        _klog("I", "container_runtime.go:64",
+              f"ImageStatus: image {normalized} is already in the runtime's store, "
+              "skipping the pull")
+        return normalized
+    _klog("I", "container_runtime.go:68", f"pulling image {normalized} (no registry auth)")
+    name, tag, digest = _split_reference(normalized)
+    host, _, path = name.partition("/")
+    if host == "docker.io":
+        host = "registry-1.docker.io"
+    if os.environ.get(_CRI_SOCKET_ENV):
+        # A private registry asked anonymously, as CRI's PullImage with no auth is.
+        why = (f"unexpected status from HEAD request to https://{host}/v2/{path}/manifests/"
+               f"{digest or tag}: 401 Unauthorized")
+        code = "Unknown"
+    else:
+        why = f"{normalized}: not found"
+        code = "NotFound"
+    raise _StepError(f"failed to pull image {ref}: rpc error: code = {code} desc = failed to "
+                     f'pull and unpack image "{normalized}": failed to resolve reference '
+                     f'"{normalized}": {why}')
+
+
+def _copy_out_of_image(normalized: str, new_bin: str, staged: str) -> None:
+    """keadm v1.19+ copies edgecore out of the image with a throw-away pod: the
+    stand-in copies the package's edgecore and logs what the real one runs."""
+    _klog("I", "container_runtime.go:101",
+          f"copying {_BINARY_ON_HOST} out of image {normalized} to {staged} through a "
+          'privileged pod sandbox (host network) running sh -c "sleep infinity"')
+    os.makedirs(os.path.dirname(staged), exist_ok=True)
+    shutil.copyfile(new_bin, staged)
+    os.chmod(staged, 0o755)
+
+
+def _load_config(config: str) -> tuple[dict[str, Any], str | None]:
+    """edgecore.yaml as a mapping, or keadm's error text."""
+    try:
+        with open(config, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        return {}, f"failed to read config file {config}: {_go_error('open', config, exc)}"
+    try:
+        cfg = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        return {}, f"failed to unmarshal config file {config}: {exc}"
+    if not isinstance(cfg, dict):
+        return {}, f"failed to unmarshal config file {config}: not a mapping"
+    return cfg, None
+
+
+def _report_url(cfg: dict[str, Any], era: str, upgrade_id: str) -> str:
+    server = str(_section(cfg, "modules", "edgeHub").get("httpServer") or _DEFAULT_HTTP_SERVER)
+    if era == "A":
+        return f"{server}/nodeupgrade"
+    node = str(_section(cfg, "modules", "edged").get("hostnameOverride")
+               or socket.gethostname())
+    return f"{server}/task/upgrade/name/{upgrade_id}/node/{node}/status"
+
+
 def _report_failed(cfg: dict[str, Any]) -> None:
     # No cloud here: the report fails, is logged, and does not change the exit code.
     ca = str(_section(cfg, "modules", "edgeHub").get("tlsCaFile") or "")
@@ -412,22 +569,17 @@ def _report_failed(cfg: dict[str, Any]) -> None:
 
 def _upgrade_ab(args: argparse.Namespace, era: str, root: str, config: str, lock: str) -> int:
     """`keadm upgrade` of v1.12-v1.15 and `keadm upgrade edge` of v1.16-v1.20."""
-    try:
-        with open(config, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        return _fail(f"failed to read config file {config}: {_go_error('open', config, exc)}")
-    try:
-        cfg = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        return _fail(f"failed to unmarshal config file {config}: {exc}")
-    if not isinstance(cfg, dict):
-        return _fail(f"failed to unmarshal config file {config}: not a mapping")
+    cfg, problem = _load_config(config)
+    if problem is not None:
+        return _fail(problem)
     try:
         error = _run_ab(args, era, config, cfg, root=root, lock=lock)
     finally:
         # The deferred report and cleanup: they run before cobra prints the
-        # error, and the record goes even when it was someone else's.
+        # error, and the record goes even when it was someone else's. It always
+        # tries edgeHub.httpServer; a failure is only logged.
+        _klog("I", "upgrade.go:98", "reporting upgrade result to "
+              f"{_report_url(cfg, era, args.upgradeID or '')}")
         _report_failed(cfg)
         try:
             os.unlink(lock)
@@ -454,17 +606,28 @@ def _run_ab(args: argparse.Namespace, era: str, config: str, cfg: dict[str, Any]
     _klog("I", "upgrade.go:180", f"Begin to download version {args.toVersion} edgecore")
     if _BEHAVIOUR == "hang":
         _hang()
+    # Era A: the full reference edgehub passed; Era B: --image exactly as given
+    # (no default, no tag added), --toVersion only names the staging dir.
     image = args.image or ""
     new_bin = os.path.join(os.path.dirname(os.path.realpath(sys.argv[0])), "edgecore")
     _progress(f"pulling image {image}")
+    normalized = image
+    if era == "B":
+        try:
+            normalized = _pull(image)
+        except _StepError as exc:
+            return f"upgrade pre process failed: pull image failed: {exc}"
     if _BEHAVIOUR == "fail" or not os.path.isfile(new_bin):
         why = "simulated" if _BEHAVIOUR == "fail" else f"no edgecore in the image ({new_bin})"
         return f"upgrade pre process failed: pull image failed: " \
                f"failed to pull image {image}: {why}"
     staged = os.path.join(root, "etc", "kubeedge", "upgrade", args.toVersion, "edgecore")
-    os.makedirs(os.path.dirname(staged), exist_ok=True)
-    shutil.copyfile(new_bin, staged)
-    os.chmod(staged, 0o755)
+    if era == "B":
+        _copy_out_of_image(normalized, new_bin, staged)
+    else:
+        os.makedirs(os.path.dirname(staged), exist_ok=True)
+        shutil.copyfile(new_bin, staged)
+        os.chmod(staged, 0o755)
     _klog("I", "upgrade.go:232", "upgrade process start")
     return _process(root, config, era, staged, args.toVersion)
 
@@ -492,9 +655,49 @@ def _process(root: str, config: str, era: str, new_bin: str, to_version: str) ->
     return None
 
 
+def _current_version(cfg: dict[str, Any]) -> str:
+    """keadm v1.21+: MetaServer's kubeletVersion suffix, else edgecoreVersion in the config."""
+    meta = _section(cfg, "modules", "metaManager", "metaServer")
+    if meta.get("enable"):
+        server = str(meta.get("server") or "127.0.0.1:10550")
+        node = str(_section(cfg, "modules", "edged").get("hostnameOverride")
+                   or socket.gethostname())
+        try:
+            with urllib.request.urlopen(
+                    f"http://{server}/api/v1/nodes/{node}", timeout=2) as resp:
+                body = json.loads(resp.read(1024 * 1024))
+            kubelet = str(body["status"]["nodeInfo"]["kubeletVersion"])
+            # "v1.22.17-kubeedge-v1.13.0": the part after the second "-".
+            parts = kubelet.split("-", 2)
+            if len(parts) == 3 and parts[2]:
+                return parts[2]
+        except (OSError, ValueError, KeyError, TypeError):
+            _klog("W", "edgecore.go:52", "failed to get the edgecore version from MetaServer")
+    value = cfg.get("edgecoreVersion")
+    return value if isinstance(value, str) else ""
+
+
+def _write_report(root: str, from_version: str, to_version: str, error: str | None) -> None:
+    """Era C's result file.
+
+    The README gives no shape; this is the one read from v1.21+'s
+    pkg/upgrade/edge/upgrade_reporter.go (../shared/design/kubeedge.md, code
+    reading): {"event", "success", "fromVersion", "toVersion", "errorMessage"}.
+    """
+    path = os.path.join(root, _UPGRADE_REPORT)
+    report = {"event": "Upgrade", "success": error is None, "fromVersion": from_version,
+              "toVersion": to_version, "errorMessage": error or ""}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh)
+    _progress(f"wrote upgrade report {path}")
+
+
 def _upgrade_c(args: argparse.Namespace, root: str, config: str, lock: str) -> int:
     """`keadm upgrade edge` of v1.21+: no backup, the unit file is kept."""
-    image = args.image or _DEFAULT_IMAGE
+    # <--image, default kubeedge/installation-package>:<--toVersion>, whatever
+    # --image holds: a tagged one makes an invalid "<repo>:<tag>:<toVersion>".
+    image = f"{args.image or _DEFAULT_IMAGE}:{args.toVersion}"
     usage = "Usage:\n  keadm upgrade edge [flags]\n"
     if not args.force and not args.upgradeID:
         print(_UPGRADE_TIPS, flush=True)
@@ -503,7 +706,11 @@ def _upgrade_c(args: argparse.Namespace, root: str, config: str, lock: str) -> i
         if answer.lower() != "y":
             _klog("I", "upgrade.go:63", "aborted upgrade operation")
             return 0
-    _progress(f"upgrading edge node from {args.fromVersion or '?'} to {args.toVersion}")
+    cfg, problem = _load_config(config)
+    if problem is not None:
+        return _fail(problem, usage)
+    from_version = _current_version(cfg) or args.fromVersion or ""
+    _progress(f"upgrading edge node from {from_version or '?'} to {args.toVersion}")
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     try:
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -513,20 +720,37 @@ def _upgrade_c(args: argparse.Namespace, root: str, config: str, lock: str) -> i
     _progress(f"created upgrade record {lock}")
     if _BEHAVIOUR == "hang":
         _hang()
-    error: str | None
+    staging = os.path.join(root, "etc", "kubeedge", "upgrade", args.toVersion)
+    error: str | None = None
     try:
-        new_bin = os.path.join(os.path.dirname(os.path.realpath(sys.argv[0])), "edgecore")
-        _progress(f"pulling image {image}:{args.toVersion}")
-        if not os.path.isfile(new_bin):
-            error = f"new edgecore binary not found at {new_bin}"
-        elif _BEHAVIOUR == "fail":
-            error = f"failed to pull image {image}:{args.toVersion}: simulated"
-        else:
-            error = _process(root, config, "C", new_bin, args.toVersion)
+        error = _run_c(root, config, image, os.path.join(staging, "edgecore"), args.toVersion)
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if args.upgradeID:
+            # v1alpha1 compatibility: the HTTPS task report instead of the file.
+            _klog("I", "upgrade.go:98", f"reporting upgrade result to "
+                  f"{_report_url(cfg, 'C', args.upgradeID)}")
+            _report_failed(cfg)
+        else:
+            _write_report(root, from_version, args.toVersion, error)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
     return 0 if error is None else _fail(error, usage)
+
+
+def _run_c(root: str, config: str, image: str, staged: str, to_version: str) -> str | None:
+    new_bin = os.path.join(os.path.dirname(os.path.realpath(sys.argv[0])), "edgecore")
+    _progress(f"pulling image {image}")
+    try:
+        normalized = _pull(image)
+    except _StepError as exc:
+        return str(exc)
+    if not os.path.isfile(new_bin):
+        return f"new edgecore binary not found at {new_bin}"
+    if _BEHAVIOUR == "fail":
+        return f"failed to pull image {image}: simulated"
+    _copy_out_of_image(normalized, new_bin, staged)
+    return _process(root, config, "C", staged, to_version)
 
 
 def _upgrade_parser(edge: bool) -> _Parser:
