@@ -278,3 +278,36 @@ def test_auto_refuses_a_runtime_it_cannot_pull_for(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"crio\.sock"):
         choose("unix:///var/run/crio/crio.sock")
+
+
+def test_cli_upgrade_on_a_containerd_node(env: Env, sandbox: Any) -> None:
+    """The whole pipeline from the CLI, the package pulled through containerd: dry run,
+    then the upgrade (keadm's Era B argv), with the password in no output or report."""
+    from testkit.standins import write_edgecore, write_keadm
+
+    version = "v1.19.0"
+    bins = env.workdir / f"bins-{version}"
+    keadm = write_keadm(bins / "keadm", version).read_bytes()
+    edgecore = write_edgecore(bins / "edgecore", version).read_bytes()
+    built = package(version, keadm, edgecore, arch=node_platform().architecture)
+    digest = env.pusher.push(f"{REPO}-cli", version, built)  # a repo no other test pulled
+    repo = f"{env.registry.address}/{REPO}-cli"
+    sandbox.configure(images={
+        "backend": "containerd",
+        "containerd": {"address": str(env.containerd.socket), "root": str(env.containerd.root)},
+        "allowed_registries": [env.registry.address],
+        "credentials": {env.registry.address: {"username": USER,
+                                               "password_file": str(env.password_file)}}})
+    rc, plan = sandbox.upgrade(version, "--image", repo, "--dry-run")
+    assert rc == 0 and plan["plan"]["image"]["digest"] == digest, plan
+    assert f"{repo}:{version}" in plan["plan"]["installerArgv"]  # Era B: the full reference
+    assert cri_name(parse_image(f"{repo}:{version}")) not in env.containerd.images()
+    proc = sandbox.cli("--output", "json", "upgrade", "--to-version", version, "--image", repo,
+                       "--yes")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sandbox.running_version() == version
+    assert env.containerd.images()[f"{repo}:{version}"] == digest
+    everything = proc.stdout + proc.stderr + "\n".join(str(r) for r in sandbox.reports())
+    everything += "".join(p.read_text() for p in (sandbox.state_dir / "logs").glob("*.log"))
+    assert PASSWORD not in everything
+    assert any(r["reason"].startswith(f"pulling {repo}:{version}") for r in sandbox.reports())

@@ -161,7 +161,12 @@ class ContainerdImageBackend:
         await asyncio.to_thread(shutil.rmtree, self.downloads, True)
         work = self.downloads / resolved.digest.replace(":", "-")
         try:
-            await asyncio.to_thread(self._fetch, ref, resolved, work, deadline, progress)
+            loop = asyncio.get_running_loop()
+
+            def report(text: str) -> None:  # from the fetching thread: the journal is the loop's
+                loop.call_soon_threadsafe(progress, text)
+
+            await asyncio.to_thread(self._fetch, ref, resolved, work, deadline, report)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FatalError(f"pull of {ref} did not finish within the job deadline")
