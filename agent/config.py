@@ -35,7 +35,8 @@ from agent.versions import NAME_RE, VersionPolicy, parse_image
 DEFAULT_CONFIG = Path("/etc/edge-upgrade-agent/agent.yaml")
 CHECK_ITEMS = ("cpu", "mem", "disk")
 PLACEHOLDERS = frozenset(
-    {"keadm", "from_version", "to_version", "image", "config", "upgrade_id", "history_id"}
+    {"keadm", "from_version", "to_version", "image", "repo", "config", "upgrade_id",
+     "history_id"}
 )
 
 

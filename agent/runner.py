@@ -23,7 +23,6 @@ from agent.adapters.edgecore import Detected
 from agent.errors import (
     AgentError,
     Busy,
-    InstallError,
     InvalidCommand,
     PrecheckFailed,
     RollbackError,
@@ -38,7 +37,14 @@ from agent.node import RECORD_KEY, Node
 from agent.states import NODE_TOUCHED, Action, Note, State
 from agent.steps.backup import list_backups, make_backup, prune_backups
 from agent.steps.image import stage_image
-from agent.steps.install import installer_argv, kill_installers, log_tail, run_installer
+from agent.steps.install import (
+    check_result,
+    installer_argv,
+    kill_installers,
+    log_tail,
+    run_installer,
+    take_keadm_report,
+)
 from agent.steps.precheck import assess, resolve_verdict, unresolved_failure
 from agent.steps.rollback import roll_back
 from agent.steps.unit import guard_unit, keep_operator_unit
@@ -325,10 +331,10 @@ class Runner:
                "EDGE_UPGRADE_ROOT": str(self.node.config.paths.root), "LANG": "C.UTF-8"}
         log_path = Path(job.note(Note.LOG) or self.node.log_path(job.key))
         backup = Path(job.note(Note.BACKUP) or "")
+        started = time.time()
         async with guard_unit(self.node, backup) as guard:
             code = await run_installer(argv, log_path, job.command.timeout_seconds, env)
-        if code != 0:
-            raise InstallError(f"installer exited with code {code}")
+        check_result(code, await asyncio.to_thread(take_keadm_report, self.node, started))
         unit = await keep_operator_unit(self.node, backup, guard)
         if await ensure_new_running(self.node, job.note(Note.EDGECORE_SHA256)):
             log.warning("edgecore still ran the old binary after the installer; restarted",

@@ -298,6 +298,14 @@ def test_cli_upgrade_on_a_containerd_node(env: Env, sandbox: Any) -> None:
         "allowed_registries": [env.registry.address],
         "credentials": {env.registry.address: {"username": USER,
                                                "password_file": str(env.password_file)}}})
+    # keadm v1.19+ asks the runtime edgecore.yaml names: here, the test's containerd.
+    import yaml
+
+    edgecore_yaml = sandbox.root / "etc/kubeedge/config/edgecore.yaml"
+    data = yaml.safe_load(edgecore_yaml.read_text())
+    data.setdefault("modules", {}).setdefault("edged", {})["tailoredKubeletConfig"] = {
+        "containerRuntimeEndpoint": f"unix://{env.containerd.socket}"}
+    edgecore_yaml.write_text(yaml.safe_dump(data))
     rc, plan = sandbox.upgrade(version, "--image", repo, "--dry-run")
     assert rc == 0 and plan["plan"]["image"]["digest"] == digest, plan
     assert f"{repo}:{version}" in plan["plan"]["installerArgv"]  # Era B: the full reference
@@ -311,3 +319,6 @@ def test_cli_upgrade_on_a_containerd_node(env: Env, sandbox: Any) -> None:
     everything += "".join(p.read_text() for p in (sandbox.state_dir / "logs").glob("*.log"))
     assert PASSWORD not in everything
     assert any(r["reason"].startswith(f"pulling {repo}:{version}") for r in sandbox.reports())
+    # keadm's CRI ImageStatus found what the agent imported: it pulled nothing itself.
+    keadm_log = "".join(p.read_text() for p in (sandbox.state_dir / "logs").glob("*.log"))
+    assert f"ImageStatus: image {repo}:{version} is already in the runtime's store" in keadm_log

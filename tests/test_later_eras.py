@@ -478,3 +478,57 @@ def metaserver_up(port: int) -> bool:
             return bool(resp.read() == b"ok")
     except OSError:
         return False
+
+
+# -- the agent's side of keadm v1.21+'s upgrade_report.json ---------------------------
+
+
+def test_keadm_report_and_exit_code_must_both_say_success() -> None:
+    from agent.errors import InstallError
+    from agent.steps.install import check_result
+
+    check_result(0, None)
+    check_result(0, {"event": "Upgrade", "success": True})
+    with pytest.raises(InstallError, match=r"exited 0 but its upgrade_report\.json says it "
+                                           r"failed: pull failed"):
+        check_result(0, {"success": False, "errorMessage": "pull failed"})
+    with pytest.raises(InstallError, match="exited with code 1: boom"):
+        check_result(1, {"success": False, "errorMessage": "boom"})
+
+
+def test_keadm_report_is_taken_once_and_only_from_this_run(tmp_path: Path) -> None:
+    from agent.config import parse_config
+    from agent.node import build_node
+    from agent.steps.install import KEADM_REPORT, take_keadm_report
+
+    node = build_node(parse_config({"node_name": "n", "paths": {"root": str(tmp_path)},
+                                    "service": {"manager": "process"}}))
+    try:
+        report = tmp_path / KEADM_REPORT.lstrip("/")
+        report.parent.mkdir(parents=True)
+        report.write_text(json.dumps({"success": True}))
+        old = time.time() - 60
+        os.utime(report, (old, old))
+        assert take_keadm_report(node, time.time()) is None and report.exists()
+        started = time.time()
+        report.write_text(json.dumps({"success": False, "errorMessage": "x"}))
+        assert take_keadm_report(node, started) == {"success": False, "errorMessage": "x"}
+        assert not report.exists()
+        report.write_text("{not json")
+        taken = take_keadm_report(node, started)
+        assert taken is not None and taken["success"] is False
+    finally:
+        node.close()
+
+
+def test_a_custom_installer_can_pass_keadm_v121_the_bare_repository() -> None:
+    from agent.adapters.keadm import custom_argv
+
+    spec = InstallSpec(keadm=Path("/s/keadm"), from_version=Version.parse("v1.20.0"),
+                       to_version=Version.parse("v1.22.2"),
+                       image=ImageRef("reg.example.com:5000/kubeedge/pkg"),
+                       edgecore_config=Path("/etc/kubeedge/config/edgecore.yaml"),
+                       upgrade_id="job-1", history_id="", image_digest=None)
+    argv = custom_argv(("{keadm}", "upgrade", "edge", "--force", "--image", "{repo}",
+                        "--toVersion", "{to_version}"), spec)
+    assert argv[5] == "reg.example.com:5000/kubeedge/pkg" and argv[7] == "v1.22.2"

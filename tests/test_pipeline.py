@@ -74,6 +74,9 @@ def test_dry_run_prints_the_argv_that_runs(sandbox: Sandbox, version: str, expec
     if not extra:
         assert rc == 0, out
         assert ("--disable-backup" in ran) == version.startswith("v1.17")
+        # keadm v1.21+'s upgrade_report.json is read and removed, so edgecore's
+        # taskmanager never relays it or starts a rollback of its own.
+        assert not (sandbox.root / "etc/kubeedge/upgrade_report.json").exists()
 
 
 def test_unknown_keadm_era_is_refused_before_anything(sandbox: Sandbox) -> None:

@@ -116,6 +116,7 @@ def custom_argv(template: tuple[str, ...], spec: InstallSpec) -> list[str]:
         "from_version": str(spec.from_version),
         "to_version": str(spec.to_version),
         "image": str(spec.image.with_tag(str(spec.to_version))),
+        "repo": spec.image.repo,  # keadm >= v1.21 adds ":<toVersion>" itself
         "config": str(spec.edgecore_config),
         "upgrade_id": spec.upgrade_id,
         "history_id": spec.history_id or spec.upgrade_id,

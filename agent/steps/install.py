@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,10 @@ from agent.node import Node
 from agent.versions import Version
 
 TERM_GRACE_SECONDS = 5.0
+# keadm >= v1.21 writes its result here; edgecore's taskmanager relays it on its next
+# cloud connection and, for a failed upgrade of a job it knows, starts a rollback of
+# its own. The agent reads it, decides, and removes it, so neither happens twice.
+KEADM_REPORT = "/etc/kubeedge/upgrade_report.json"
 
 
 def installer_argv(node: Node, cmd: Command, keadm: Path, from_version: Version) -> list[str]:
@@ -115,3 +120,30 @@ def kill_installers(program: Path) -> int:
             break
         time.sleep(0.02)
     return len(killed)
+
+
+def take_keadm_report(node: Node, started: float) -> dict[str, object] | None:
+    """keadm's own result file, if this run wrote it (removed once read)."""
+    path = node.config.paths.node(KEADM_REPORT)
+    try:
+        if path.stat().st_mtime < started - 1:
+            return None  # an older run's: not evidence about this one
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        data = {"success": False, "errorMessage": f"unreadable {path.name}: {exc}"}
+    path.unlink(missing_ok=True)
+    return data if isinstance(data, dict) else {"success": False,
+                                                 "errorMessage": f"{path.name}: not an object"}
+
+
+def check_result(code: int, report: dict[str, object] | None) -> None:
+    """keadm's exit code and, from v1.21, its report: both must say success."""
+    why = str(report.get("errorMessage") or "")[:200] if report else ""
+    if code != 0:
+        raise InstallError(f"installer exited with code {code}" + (f": {why}" if why else ""))
+    if report is not None and report.get("success") is not True:
+        # keadm v1.22/v1.23 exit 0 after an aborted prompt or a failure they report.
+        raise InstallError("installer exited 0 but its upgrade_report.json says it failed"
+                           + (f": {why}" if why else ""))

@@ -36,7 +36,9 @@ v1.13.0 measured, v1.20.0 and v1.23.1 observed; ../shared/kubeedge/README.md,
 * Eras B and C pull through CRI only (v1.19+): ImageStatus first, no pull when
   the image is in the runtime's store, never any registry credentials; the
   new edgecore is copied out of the image by a privileged pod sandbox. With
-  ``EDGE_STANDIN_CRI_SOCKET`` set (a containerd socket), the stand-in asks
+  ``EDGE_STANDIN_CRI_SOCKET`` set, or edgecore.yaml's
+  ``tailoredKubeletConfig.containerRuntimeEndpoint`` naming a unix socket
+  that exists (the real keadm's source), the stand-in asks
   that containerd (``ctr ... images ls name==<CRI name>``, namespace k8s.io):
   present, it goes on; absent, the pull fails as an anonymous pull from a
   private registry does (401). Without it, the package's edgecore beside the
@@ -80,7 +82,9 @@ _CRI_NAMESPACE = "k8s.io"  # the only namespace CRI's ImageStatus sees
 # The docker/distribution reference grammar, as CRI parses an image name.
 _DOMAIN = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])" \
           r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*(?::[0-9]+)?"
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
+# distribution's separator is (?:[._]|__|[-]*); an empty one adds nothing to the
+# language here and makes Python's backtracking exponential on a bad reference.
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REFERENCE = re.compile(
     rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
     r"(?::[\w][\w.-]{0,127})?"
@@ -461,7 +465,23 @@ def _cri_name(ref: str) -> str:
     return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
 
 
-def _image_present(ref: str, normalized: str) -> bool:
+def _cri_socket(cfg: dict[str, Any]) -> str | None:
+    """The runtime socket keadm v1.19+ talks CRI to: EDGE_STANDIN_CRI_SOCKET, else, as the
+    real keadm reads it, edgecore.yaml's tailoredKubeletConfig.containerRuntimeEndpoint
+    when that is a unix socket that exists (a sandbox's edgecore.yaml names none)."""
+    if os.environ.get(_CRI_SOCKET_ENV):
+        return os.environ[_CRI_SOCKET_ENV]
+    edged = (cfg.get("modules") or {}).get("edged") or {}
+    tailored = edged.get("tailoredKubeletConfig") if isinstance(edged, dict) else None
+    endpoint = tailored.get("containerRuntimeEndpoint") if isinstance(tailored, dict) else None
+    if isinstance(endpoint, str) and endpoint.startswith("unix://"):
+        path = endpoint[len("unix://"):]
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _image_present(ref: str, normalized: str, sock: str | None) -> bool:
     """CRI ImageStatus: is ``normalized`` in the runtime's store?
 
     With EDGE_STANDIN_CRI_SOCKET, the stand-in asks that containerd with
@@ -470,7 +490,6 @@ def _image_present(ref: str, normalized: str) -> bool:
     Without it, the package's edgecore beside this script is the image,
     present under any explicit tag (there is no ``latest`` in that store).
     """
-    sock = os.environ.get(_CRI_SOCKET_ENV)
     if not sock:
         return _split_reference(ref)[1] not in ("", "latest") or "@" in ref
     argv = ["ctr", "--address", sock, "--namespace", _CRI_NAMESPACE,
@@ -486,7 +505,7 @@ def _image_present(ref: str, normalized: str) -> bool:
     return any(line.split()[:1] == [normalized] for line in proc.stdout.splitlines()[1:])
 
 
-def _pull(ref: str) -> str:
+def _pull(ref: str, cfg: dict[str, Any]) -> str:
     """Make sure ``ref`` is in the runtime's store, the way keadm v1.19+ does
     through CRI (never with registry credentials); its CRI name, or raises
     _StepError with keadm's text ("failed to pull image <ref>: ...")."""
@@ -496,7 +515,8 @@ def _pull(ref: str) -> str:
                          f'reference "{ref}": invalid reference format')
     normalized = _cri_name(ref)
     try:
-        present = _image_present(ref, normalized)
+        sock = _cri_socket(cfg)
+        present = _image_present(ref, normalized, sock)
     except _StepError as exc:
         raise _StepError(f"failed to pull image {ref}: {exc}") from exc
     if present:
@@ -509,7 +529,7 @@ def _pull(ref: str) -> str:
     host, _, path = name.partition("/")
     if host == "docker.io":
         host = "registry-1.docker.io"
-    if os.environ.get(_CRI_SOCKET_ENV):
+    if sock:
         # A private registry asked anonymously, as CRI's PullImage with no auth is.
         why = (f"unexpected status from HEAD request to https://{host}/v2/{path}/manifests/"
                f"{digest or tag}: 401 Unauthorized")
@@ -549,10 +569,9 @@ def _load_config(config: str) -> tuple[dict[str, Any], str | None]:
     return cfg, None
 
 
-def _report_url(cfg: dict[str, Any], era: str, upgrade_id: str) -> str:
+def _report_url(cfg: dict[str, Any], upgrade_id: str) -> str:
+    # v1.16+: {httpServer}/task/{taskType}/name/{taskID}/node/{nodeName}/status.
     server = str(_section(cfg, "modules", "edgeHub").get("httpServer") or _DEFAULT_HTTP_SERVER)
-    if era == "A":
-        return f"{server}/nodeupgrade"
     node = str(_section(cfg, "modules", "edged").get("hostnameOverride")
                or socket.gethostname())
     return f"{server}/task/upgrade/name/{upgrade_id}/node/{node}/status"
@@ -569,24 +588,26 @@ def _report_failed(cfg: dict[str, Any]) -> None:
 
 def _upgrade_ab(args: argparse.Namespace, era: str, root: str, config: str, lock: str) -> int:
     """`keadm upgrade` of v1.12-v1.15 and `keadm upgrade edge` of v1.16-v1.20."""
+    usage = f"Usage:\n  keadm upgrade{' edge' if era == 'B' else ''} [flags]\n"
     cfg, problem = _load_config(config)
     if problem is not None:
-        return _fail(problem)
+        return _fail(problem, usage)
     try:
         error = _run_ab(args, era, config, cfg, root=root, lock=lock)
     finally:
         # The deferred report and cleanup: they run before cobra prints the
         # error, and the record goes even when it was someone else's. It always
         # tries edgeHub.httpServer; a failure is only logged.
-        _klog("I", "upgrade.go:98", "reporting upgrade result to "
-              f"{_report_url(cfg, era, args.upgradeID or '')}")
+        if era == "B":
+            _klog("I", "upgrade.go:98", "reporting upgrade result to "
+                  f"{_report_url(cfg, args.upgradeID or '')}")
         _report_failed(cfg)
         try:
             os.unlink(lock)
         except OSError as exc:
             _klog("E", "upgrade.go:108", f"failed to remove idempotency_record file({lock}): "
                   f"{_go_error('remove', lock, exc)}")
-    return 0 if error is None else _fail(error)
+    return 0 if error is None else _fail(error, usage)
 
 
 def _run_ab(args: argparse.Namespace, era: str, config: str, cfg: dict[str, Any], *,
@@ -614,7 +635,7 @@ def _run_ab(args: argparse.Namespace, era: str, config: str, cfg: dict[str, Any]
     normalized = image
     if era == "B":
         try:
-            normalized = _pull(image)
+            normalized = _pull(image, cfg)
         except _StepError as exc:
             return f"upgrade pre process failed: pull image failed: {exc}"
     if _BEHAVIOUR == "fail" or not os.path.isfile(new_bin):
@@ -729,7 +750,7 @@ def _upgrade_c(args: argparse.Namespace, root: str, config: str, lock: str) -> i
         if args.upgradeID:
             # v1alpha1 compatibility: the HTTPS task report instead of the file.
             _klog("I", "upgrade.go:98", f"reporting upgrade result to "
-                  f"{_report_url(cfg, 'C', args.upgradeID)}")
+                  f"{_report_url(cfg, args.upgradeID)}")
             _report_failed(cfg)
         else:
             _write_report(root, from_version, args.toVersion, error)
@@ -742,7 +763,7 @@ def _run_c(root: str, config: str, image: str, staged: str, to_version: str) -> 
     new_bin = os.path.join(os.path.dirname(os.path.realpath(sys.argv[0])), "edgecore")
     _progress(f"pulling image {image}")
     try:
-        normalized = _pull(image)
+        normalized = _pull(image, _load_config(config)[0])
     except _StepError as exc:
         return str(exc)
     if not os.path.isfile(new_bin):
