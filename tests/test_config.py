@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.adapters.containerd_images import ContainerdSettings
+from agent.adapters.docker_images import DockerSettings
 from agent.adapters.images import LocalSettings
 from agent.config import (
     Config,
@@ -121,8 +123,11 @@ def test_full_config() -> None:
     assert config.precheck == Precheck(95.0, 90.5, 0.0, 0)
     assert config.health == Health(5.0, 10.0, 0.1, "http://127.0.0.1:10550")
     assert config.keep_backups == 7
-    assert config.images == Images("local", LocalSettings("/srv/images"),
-                                   "registry.local:5000/kubeedge/pkg")
+    assert config.images == Images(
+        "local", LocalSettings("/srv/images"), "registry.local:5000/kubeedge/pkg",
+        others=(("docker", DockerSettings("tcp://ignored:2375")),))
+    assert config.images.settings_for("docker") == DockerSettings("tcp://ignored:2375")
+    assert config.images.settings_for("containerd") == ContainerdSettings()
     assert [name for name, _ in config.installers] == ["alpha", "zeta"]
     assert config.installer("zeta") == ("{keadm}", "upgrade", "edge", "--toVersion",
                                         "{to_version}")
