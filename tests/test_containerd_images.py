@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Sandbox
 
 from agent.adapters.containerd_images import (
     ContainerdImageBackend,
@@ -280,7 +281,7 @@ def test_auto_refuses_a_runtime_it_cannot_pull_for(tmp_path: Path) -> None:
         choose("unix:///var/run/crio/crio.sock")
 
 
-def test_cli_upgrade_on_a_containerd_node(env: Env, sandbox: Any) -> None:
+def test_cli_upgrade_on_a_containerd_node(env: Env, sandbox: Sandbox) -> None:
     """The whole pipeline from the CLI, the package pulled through containerd: dry run,
     then the upgrade (keadm's Era B argv), with the password in no output or report."""
     from testkit.standins import write_edgecore, write_keadm
@@ -310,6 +311,9 @@ def test_cli_upgrade_on_a_containerd_node(env: Env, sandbox: Any) -> None:
     assert rc == 0 and plan["plan"]["image"]["digest"] == digest, plan
     assert f"{repo}:{version}" in plan["plan"]["installerArgv"]  # Era B: the full reference
     assert cri_name(parse_image(f"{repo}:{version}")) not in env.containerd.images()
+    rc, pre = sandbox.cli_json("prepull", "--to-version", version, "--image", repo)
+    assert rc == 0 and "prepulled" in pre["job"]["reason"], pre
+    assert env.containerd.images()[f"{repo}:{version}"] == digest
     proc = sandbox.cli("--output", "json", "upgrade", "--to-version", version, "--image", repo,
                        "--yes")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -319,6 +323,10 @@ def test_cli_upgrade_on_a_containerd_node(env: Env, sandbox: Any) -> None:
     everything += "".join(p.read_text() for p in (sandbox.state_dir / "logs").glob("*.log"))
     assert PASSWORD not in everything
     assert any(r["reason"].startswith(f"pulling {repo}:{version}") for r in sandbox.reports())
+    # The prepull staged the package: the upgrade found it in containerd and staged.
+    upgrade = [r["reason"] for r in sandbox.reports() if r["operation"] == "upgrade"]
+    assert f"image {repo}:{version} already in containerd (k8s.io), {digest}" in upgrade
+    assert any("not extracted again" in reason for reason in upgrade)
     # keadm's CRI ImageStatus found what the agent imported: it pulled nothing itself.
     keadm_log = "".join(p.read_text() for p in (sandbox.state_dir / "logs").glob("*.log"))
     assert f"ImageStatus: image {repo}:{version} is already in the runtime's store" in keadm_log

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import Sandbox
 
 from agent.adapters.edgecore import embedded_versions
 from agent.adapters.keadm import InstallSpec, era, keadm_argv
@@ -532,3 +533,30 @@ def test_a_custom_installer_can_pass_keadm_v121_the_bare_repository() -> None:
     argv = custom_argv(("{keadm}", "upgrade", "edge", "--force", "--image", "{repo}",
                         "--toVersion", "{to_version}"), spec)
     assert argv[5] == "reg.example.com:5000/kubeedge/pkg" and argv[7] == "v1.22.2"
+
+
+# -- edgecore v1.21+ rewrites its config: success is fine, rollback restores the bytes ------
+
+
+def test_v121_config_rewrite_is_no_error_and_rollback_restores_the_bytes(sandbox: Sandbox) -> None:
+    config = sandbox.root / "etc/kubeedge/config/edgecore.yaml"
+    before = config.read_bytes()
+    sandbox.image("v1.21.0")
+    rc, out = sandbox.upgrade("v1.21.0")
+    assert rc == 0 and out["job"]["state"] == "succeeded", out
+    assert sandbox.running_version() == "v1.21.0"
+    assert config.read_bytes() != before  # the new edgecore rewrote it: normal
+    rc, out = sandbox.cli_json("rollback", "--yes")
+    assert rc == 0 and out["job"]["state"] == "rolled_back", out
+    assert sandbox.running_version() == "v1.12.1"
+    assert config.read_bytes() == before
+
+
+def test_v121_crash_after_its_config_rewrite_is_rolled_back_byte_for_byte(sandbox: Sandbox) -> None:
+    config = sandbox.root / "etc/kubeedge/config/edgecore.yaml"
+    before = config.read_bytes()
+    sandbox.image("v1.21.0", edgecore_behaviour="crash")
+    rc, out = sandbox.upgrade("v1.21.0")
+    assert rc == 1 and out["job"]["state"] == "rolled_back", out
+    assert sandbox.running_version() == "v1.12.1"
+    assert config.read_bytes() == before
