@@ -124,6 +124,9 @@ class Daemon:
             "labels": dict(self.node.config.labels),
             "agentVersion": __version__,
             "currentJob": self.running,
+            # Every rejected message counts, reported or over the rate limit.
+            "rejectedCommands": self.intake.rejected_total,
+            "rejectedUnreported": self.intake.rejected_unreported,
         }
 
     # -- reports out --------------------------------------------------------

@@ -25,13 +25,22 @@ never contains credentials). The tree decides what the runner does::
 
 from __future__ import annotations
 
+MAX_REASON = 1024  # a reason goes into reports and log lines: never unbounded
+MAX_INPUT_REASON = 240  # one that may quote a sender's input, as KubeEdge's shapes cap it
+
+
+def cap(text: str, limit: int = MAX_REASON) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 30]}... ({len(text)} characters)"
+
 
 class AgentError(Exception):
-    """Base of every deliberate agent error; ``reason`` is report-safe."""
+    """Base of every deliberate agent error; ``reason`` is report-safe and bounded."""
 
     exit_code = 1
+    max_reason = MAX_REASON
 
     def __init__(self, reason: str) -> None:
+        reason = cap(reason, self.max_reason)
         super().__init__(reason)
         self.reason = reason
 
@@ -42,6 +51,7 @@ class ConfigError(AgentError):
 
 class InvalidCommand(AgentError):
     exit_code = 2
+    max_reason = MAX_INPUT_REASON
 
 
 class Busy(AgentError):

@@ -13,13 +13,14 @@ The daemon only moves messages and acks them once intake has journalled.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import Config
 from agent.errors import Busy, InvalidCommand
@@ -39,7 +40,12 @@ from agent.states import NODE_TOUCHED
 from agent.transport.base import Inbound
 from agent.versions import ImageRef
 
+if TYPE_CHECKING:
+    # Only a type here: cryptography loads with the first key (agent.security.signing).
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 log = structlog.get_logger("agent.intake")
+REJECTIONS_PER_MINUTE = 60
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,10 @@ class Intake:
         self.parser = parser
         self.enqueue = enqueue  # hands a job key to the worker
         self.running = running  # the job key the worker runs now, if any
+        self.rejected_total = 0  # since start, for presence: every rejection counts
+        self.rejected_unreported = 0  # over the rate limit: counted, not reported
+        self._recent: list[float] = []  # when the last minute's rejection reports went
+        self._resent: dict[str, float] = {}
 
     def accept(self, msg: Inbound) -> Command | None:
         """Parse, authenticate, validate, dedupe and journal one command.
@@ -161,11 +171,32 @@ class Intake:
                 self.journal.event(job.key, lambda j: build_report(replace(j, reason=why)))
 
     def reject(self, msg: Inbound, reason: str) -> None:
-        name = peek_job_name(msg.payload)
-        log.warning("command rejected", source=msg.source, reason=reason, job=name)
-        if name is None or self.journal.get(f"rejected-{name}") is not None:
-            return
-        cmd = Command(Operation.UPGRADE, f"rejected-{name}", self.config.node_name, None,
-                      ImageRef(self.config.images.default_repo), source=msg.source)
-        self.runner.reject(cmd, reason)
+        """Answer every rejected message with a report the controller can see.
 
+        The key is ``rejected:<jobName>:<hash>``: a colon never appears in a
+        job key, so a rejection can neither take a valid job's key nor be
+        answered by one; the hash of the message tells two different bad
+        messages with one name apart, and a message whose name cannot be read
+        gets ``rejected:unnamed:<hash>``. The same bytes again get the first
+        answer again, at most once a minute; beyond ``REJECTIONS_PER_MINUTE``
+        new rejections a minute only the counter in presence moves.
+        """
+        name = peek_job_name(msg.payload)
+        self.rejected_total += 1
+        log.warning("command rejected", source=msg.source, reason=reason, job=name)
+        key = f"rejected:{name or 'unnamed'}:{hashlib.sha256(msg.payload).hexdigest()[:12]}"
+        now = time.monotonic()
+        existing = self.journal.get(key)
+        if existing is not None:
+            if now - self._resent.get(key, -60.0) >= 60:
+                self._resent[key] = now
+                self.runner.resend_final(existing)
+            return
+        self._recent = [t for t in self._recent if now - t < 60]
+        if len(self._recent) >= REJECTIONS_PER_MINUTE:
+            self.rejected_unreported += 1
+            return
+        self._recent.append(now)
+        cmd = Command(Operation.UPGRADE, name or "", self.config.node_name, None,
+                      ImageRef(self.config.images.default_repo), source=msg.source)
+        self.runner.reject(cmd, reason, key)

@@ -27,6 +27,7 @@ from agent.errors import (
     PrecheckFailed,
     RollbackError,
     StepError,
+    cap,
 )
 from agent.faults import fault_point
 from agent.locks import check_marker, keadm_pids
@@ -102,6 +103,7 @@ class Runner:
         if entered if entered is not None else state != job.state:
             entries[state.value] = entries.get(state.value, 0) + 1
         merged = {**dict(job.notes), **{k.value: v for k, v in (notes or {}).items()}}
+        reason = cap(reason)  # built from parts (cause; error) that are each capped
         job = replace(job, state=state, reason=reason, actions=actions,
                       entries=tuple(sorted(entries.items())), notes=tuple(sorted(merged.items())))
         if job.terminal and log_tail is None:
@@ -131,8 +133,8 @@ class Runner:
             assert found is not None
             return found, False
 
-    def reject(self, cmd: Command, reason: str) -> Job:
-        job = Job(key=cmd.key, command=cmd, state=State.REJECTED, reason=reason)
+    def reject(self, cmd: Command, reason: str, key: str) -> Job:
+        job = Job(key=key, command=cmd, state=State.REJECTED, reason=cap(reason))
         return self.node.journal.add(job, build_report)
 
     # -- the loop -----------------------------------------------------------

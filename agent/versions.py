@@ -14,22 +14,28 @@ from enum import Enum
 
 from agent.errors import InvalidCommand, PrecheckFailed
 
-VERSION_RE = re.compile(r"^v(\d{1,4})\.(\d{1,4})\.(\d{1,4})(?:-([0-9A-Za-z.-]{1,64}))?$")
+# ASCII only, everywhere: Python's \d and int() also take full-width and
+# Arabic-Indic digits, which would read those spellings of "v1.13.0" as v1.13.0.
+VERSION_RE = re.compile(r"^v([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})(?:-([0-9A-Za-z.-]{1,64}))?$",
+                        re.ASCII)
 # DNS-1123 subdomain, as Kubernetes names NodeUpgradeJobs and nodes.
-NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$",
+                     re.ASCII)
 _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
 # Like Docker: the first component is a registry host only if it has a dot or
 # a port, or is localhost; anything else is a (lowercase) path component.
-_HOST = (rf"(?:{_LABEL}(?:\.{_LABEL})+(?::\d{{1,5}})?|{_LABEL}:\d{{1,5}}"
-         r"|localhost(?::\d{1,5})?)")
+_HOST = (rf"(?:{_LABEL}(?:\.{_LABEL})+(?::[0-9]{{1,5}})?|{_LABEL}:[0-9]{{1,5}}"
+         r"|localhost(?::[0-9]{1,5})?)")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_RE = re.compile(
     rf"^(?:(?P<host>{_HOST})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
-    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?$",
+    re.ASCII,
 )
-DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
-KUBELET_VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+-kubeedge-(v\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)$")
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$", re.ASCII)
+KUBELET_VERSION_RE = re.compile(
+    r"^v[0-9]+\.[0-9]+\.[0-9]+-kubeedge-(v[0-9]+\.[0-9]+\.[0-9]+(?:-[0-9A-Za-z.-]+)?)$", re.ASCII)
 
 
 @functools.total_ordering

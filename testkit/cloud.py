@@ -58,6 +58,11 @@ class Cloud:
     def finals(self, job: str) -> list[dict[str, Any]]:
         return [m for m in self.status(job) if m.get("final")]
 
+    def rejections(self, name: str) -> list[dict[str, Any]]:
+        """Final reports of rejected messages named ``name`` (keys rejected:<name>:<hash>)."""
+        return [m for m in self.status() if m.get("final")
+                and str(m.get("jobKey", "")).startswith(f"rejected:{name}:")]
+
     def presence(self) -> list[dict[str, Any]]:
         with self.lock:
             return [m for t, m, _ in self.messages if t.endswith("/presence")]

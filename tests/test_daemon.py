@@ -66,6 +66,11 @@ class Daemon:
     def final(self, job_key: str) -> list[dict[str, Any]]:
         return [r for r in self.reports(job_key) if r["final"]]
 
+    def rejections(self, name: str) -> list[dict[str, Any]]:
+        """Final reports of rejected messages named ``name`` (keys rejected:<name>:<hash>)."""
+        return [r for p in sorted(self.reports_dir.glob(f"rejected:{name}:*-*.json"))
+                if (r := json.loads(p.read_text()))["final"]]
+
 
 @pytest.fixture
 def daemon(sandbox: Sandbox, tmp_path: Path) -> Iterator[Daemon]:
@@ -110,10 +115,11 @@ def test_bad_inputs_are_reported_and_the_daemon_keeps_serving(daemon: Daemon) ->
     for i in range(100):
         daemon.send(f"garbage-{i:03d}", b"\x00\xff{not json" * (i % 7))
     for i, (_, _, needle) in enumerate(BAD, 1):
-        key = f"rejected-bad-{i}"
-        wait_for(lambda key=key: daemon.final(key))
-        (report,) = daemon.final(key)
+        name = f"bad-{i}"
+        wait_for(lambda name=name: daemon.rejections(name))
+        (report,) = daemon.rejections(name)
         assert report["phase"] == "rejected" and needle in report["reason"], report
+        assert report["jobName"] == name
     daemon.send("good", {"jobName": "good-1", "version": "v1.13.0"})
     wait_for(lambda: daemon.final("good-1"))
     assert daemon.final("good-1")[0]["result"] == "upgrade_success"
@@ -192,8 +198,8 @@ def test_cancel_before_install_and_refused_after(daemon: Daemon, sandbox: Sandbo
 def test_prepull_and_rollback_dry_run(daemon: Daemon) -> None:
     daemon.send("r1", {"jobName": "rb-dry", "operation": "rollback", "dryRun": True})
     daemon.send("p1", {"jobName": "pp", "operation": "prepull", "version": "v1.13.0"})
-    wait_for(lambda: daemon.final("rejected-rb-dry"))
-    assert "rollback has no dry run" in daemon.final("rejected-rb-dry")[0]["reason"]
+    wait_for(lambda: daemon.rejections("rb-dry"))
+    assert "rollback has no dry run" in daemon.rejections("rb-dry")[0]["reason"]
     wait_for(lambda: daemon.final("pp"))
     (final,) = daemon.final("pp")
     assert final["result"] == "prepull_success" and "prepulled" in final["reason"]
@@ -202,7 +208,7 @@ def test_prepull_and_rollback_dry_run(daemon: Daemon) -> None:
 def test_resolve_over_the_transport(daemon: Daemon) -> None:
     daemon.send("s1", {"jobName": "res", "operation": "resolve", "resolveJob": "up-1"})
     daemon.send("s2", {"jobName": "res-bad", "operation": "resolve"})
-    wait_for(lambda: daemon.final("res") and daemon.final("rejected-res-bad"))
+    wait_for(lambda: daemon.final("res") and daemon.rejections("res-bad"))
     (final,) = daemon.final("res")
     assert final["result"] == "resolve_failed" and "nothing to resolve" in final["reason"]
-    assert "resolve needs the key" in daemon.final("rejected-res-bad")[0]["reason"]
+    assert "resolve needs the key" in daemon.rejections("res-bad")[0]["reason"]

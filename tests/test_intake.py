@@ -87,8 +87,9 @@ def test_an_invalid_command_is_rejected_with_a_report(node: Node, body: dict[str
                                                       reason: str) -> None:
     p = Policy(node)
     assert p.take(body) is None
-    job = node.journal.get(f"rejected-{body['jobName']}")
-    assert job is not None and job.state == State.REJECTED and reason in job.reason
+    (job,) = [j for j in node.journal.jobs(limit=100)
+              if j.key.startswith(f"rejected:{body['jobName']}:")]
+    assert job.state == State.REJECTED and reason in job.reason
     assert p.queued == []
     assert p.reports()[-1]["phase"] == "rejected"
 
@@ -140,7 +141,7 @@ async def test_daemon_acks_after_journalling_and_delivers_through_an_outage(
         link.send(b"\xff not json")
         link.send(json.dumps({"jobName": "bad-v", "version": "one"}).encode())
         for _ in range(800):
-            if len(link.acked) == 2 and any(r["jobKey"] == "rejected-bad-v"
+            if len(link.acked) == 2 and any(r["jobKey"].startswith("rejected:bad-v:")
                                            for r in link.published):
                 break
             await asyncio.sleep(0.01)
@@ -149,6 +150,116 @@ async def test_daemon_acks_after_journalling_and_delivers_through_an_outage(
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     assert len(link.acked) == 2  # both messages left the transport, journalled or answered
-    assert [r["phase"] for r in link.published if r["jobKey"] == "rejected-bad-v"] == \
-        ["rejected"]
+    assert [r["phase"] for r in link.published
+            if r["jobKey"].startswith("rejected:bad-v:")] == ["rejected"]
     assert node.journal.outbox() == []  # delivered once the link was back: nothing lost
+
+
+# -- found when tried as a hostile sender would (issue 13) --------------------------------
+
+
+def rejections(node: Node, name: str = "") -> list[Any]:
+    return [j for j in node.journal.jobs(limit=1000) if j.key.startswith(f"rejected:{name}")]
+
+
+def test_a_rejection_never_shares_a_key_with_a_job(node: Node) -> None:
+    p = Policy(node)
+    p.take({"jobName": "foo", "version": "bad"})
+    p.take({"jobName": "rejected-foo", "version": TARGET})  # a valid job with that name
+    assert p.queued == ["rejected-foo"]
+    job = node.journal.get("rejected-foo")
+    assert job is not None and job.state == State.RECEIVED
+    (rejection,) = rejections(node, "foo:")
+    assert rejection.key.startswith("rejected:foo:") and rejection.command.job_name == "foo"
+
+
+def test_every_rejected_message_leaves_a_trace(node: Node) -> None:
+    p = Policy(node)
+    for body in (b'{"jobName": "foo", "version": "bad"}',
+                 b'{"jobName": "foo", "version": "worse"}',  # same name, another message
+                 b"[]", b"", b"   ", b'{"jobName": "Not_A_Name", "version": "v1.13.0"}',
+                 b'{"jobName": "x\xff", "version": "v1.13.0"}'):
+        p.take(body)
+    assert len(rejections(node, "foo:")) == 2
+    assert len(rejections(node, "unnamed:")) == 5
+    assert p.intake.rejected_total == 7
+    finals = [r for r in p.reports() if r["phase"] == "rejected"]
+    assert len(finals) == 7 and all(r["final"] for r in finals)
+
+
+def test_the_same_bad_bytes_again_get_the_first_answer_at_most_once_a_minute(
+        node: Node) -> None:
+    p = Policy(node)
+    body = {"jobName": "foo", "version": "bad"}
+    for _ in range(5):
+        p.take(body)
+    finals = [r for r in p.reports() if r["phase"] == "rejected"]
+    assert len(rejections(node)) == 1 and len(finals) == 2  # the answer, and one resend
+    assert p.intake.rejected_total == 5
+
+
+def test_a_flood_of_rejections_is_rate_limited_but_counted(node: Node) -> None:
+    from agent.intake import REJECTIONS_PER_MINUTE
+
+    p = Policy(node)
+    for i in range(REJECTIONS_PER_MINUTE + 15):
+        p.take({"jobName": f"bad-{i}", "version": "bad"})
+    assert len(rejections(node)) == REJECTIONS_PER_MINUTE
+    assert p.intake.rejected_unreported == 15
+    assert p.intake.rejected_total == REJECTIONS_PER_MINUTE + 15
+
+
+def test_reasons_are_bounded(node: Node) -> None:
+    p = Policy(node)
+    p.take({"jobName": "big", "version": "v1.13.0", "k" * 60000: 1})  # quoted in the reason
+    (job,) = rejections(node, "big:")
+    assert len(job.reason) <= 240 and "characters)" in job.reason
+    assert len(p.reports()[-1]["reason"]) <= 240
+
+
+@pytest.mark.parametrize("version", ["v\uff11.\uff11\uff13.\uff10", "v\u0661.\u0661\u0663.\u0660",
+                                     "v1.13.0\n", "v1.\u0661\u0663.0"])
+def test_only_ascii_digits_make_a_version(node: Node, version: str) -> None:
+    p = Policy(node)
+    p.take({"jobName": "uni", "version": version})
+    (job,) = rejections(node, "uni:")
+    assert "bad version string" in job.reason
+    assert node.journal.get("uni") is None
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b'{"jobName": "s1", "version": "v1.13.0", "image": "\\ud800"}', "lone surrogate"),
+    (b'{"jobName": "s2", "version": "v1.13.0", "checkItems": ["\\udfff"]}', "lone surrogate"),
+    (b'{"jobName": "d1", "version": "v1.13.0", "version": "v9.9.9"}', "duplicate key 'version'"),
+    (b'{"jobName": "n1", "version": "v1.13.0", "timeoutSeconds": ' + b"9" * 5000 + b"}",
+     "number too long (5000 characters"),
+    (b'{"jobName": "n2", "version": "v1.13.0", "timeoutSeconds": NaN}', "NaN is not a JSON"),
+    (b'{"jobName": "n3", "version": "v1.13.0", "timeoutSeconds": 1e999}', "out of range"),
+    (b'{"jobName": "u1", "version": "v1.13.0", "x": "\xc3\x28"}', "not valid UTF-8"),
+])
+def test_strict_json(node: Node, raw: bytes, reason: str) -> None:
+    p = Policy(node)
+    p.take(raw)
+    (job,) = rejections(node)
+    assert reason in job.reason, job.reason
+    assert "sys.set_int_max_str_digits" not in job.reason
+
+
+async def test_the_version_policy_is_decided_before_the_image_is_looked_up(
+        tmp_path: Path) -> None:
+    """A downgrade is refused as a downgrade, not as 'image not found'."""
+    from agent.messages.commands import Operation, build_command
+    from testkit.fakes import FakeImages, FakeService
+
+    images = FakeImages()  # holds nothing: a lookup would fail
+    node = fake_node(tmp_path, images=images, service=FakeService("v1.13.0"))
+    try:
+        runner = Runner(node)
+        cmd = build_command(node.config, operation=Operation.UPGRADE, job_name="down",
+                            version="v1.12.1")
+        job = await runner.run(runner.submit(cmd)[0])
+        assert job.state == State.FAILED
+        assert "refusing downgrade from v1.13.0 to v1.12.1" in job.reason, job.reason
+        assert "image" not in job.reason
+    finally:
+        node.close()

@@ -390,7 +390,7 @@ def test_envelope_image_digest_moves_to_image_digest() -> None:
     [
         (b"{not json", "malformed JSON"),
         (b"", "malformed JSON"),
-        (b"\xff\xfe\xfa", "malformed JSON"),
+        (b"\xff\xfe\xfa", "not valid UTF-8"),
         (b'{"jobName": "a"', "malformed JSON"),
         (b"[]", "must be a JSON object"),
         (b'"upgrade"', "must be a JSON object"),

@@ -7,6 +7,7 @@ validated versions, names and image references, never raw dicts.
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
@@ -18,7 +19,7 @@ from agent.config import CHECK_ITEMS, Config
 from agent.errors import InvalidCommand
 from agent.versions import ImageRef, Version, check_digest, check_name, parse_image
 
-HISTORY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+HISTORY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$", re.ASCII)
 SCHEMA = "edge-upgrade-agent/command/v1"
 
 
@@ -33,7 +34,8 @@ class Operation(str, Enum):
 
 
 # A job key: a job name, optionally "/<historyID>".
-JOB_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}(/[A-Za-z0-9][A-Za-z0-9-]{0,63})?$")
+JOB_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}(/[A-Za-z0-9][A-Za-z0-9-]{0,63})?$",
+                        re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -195,18 +197,73 @@ _ENVELOPE_KEYS = {
 }
 
 
+MAX_NUMBER_CHARS = 20  # any count or timeout fits; Python's own limit is 4300 digits
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            # json.loads lets the last one win, while a rejection would name the first.
+            raise InvalidCommand(f"duplicate key {key[:64]!r} in one JSON object")
+        out[key] = value
+    return out
+
+
+def _number(text: str) -> int | float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise InvalidCommand(f"number too long ({len(text)} characters, at most "
+                             f"{MAX_NUMBER_CHARS})")
+    value = float(text) if any(c in text for c in ".eE") else int(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidCommand(f"number {text} is out of range")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise InvalidCommand(f"{name} is not a JSON number")
+
+
+def _unicode_only(data: Any) -> None:
+    """Every key and string valid Unicode end to end: no lone surrogate from a \\ud800
+    escape, which JSON decoding lets through. Iterative: nesting depth is the parser's."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidCommand("invalid Unicode in a JSON string "
+                                     "(a lone surrogate)") from None
+
+
 def load_json_object(raw: bytes, limit: int) -> dict[str, Any]:
-    """The size cap and JSON decoding every transport's message goes through."""
+    """The size cap and JSON decoding every transport's message goes through.
+
+    Stricter than ``json.loads``: valid UTF-8 end to end (no lone surrogates),
+    no duplicate keys, no NaN or Infinity, no numbers longer than any field needs.
+    """
     if len(raw) > limit:
         raise InvalidCommand(f"message exceeds the {limit}-byte cap")
     try:
-        data: Any = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidCommand(f"message is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        data: Any = json.loads(text, object_pairs_hook=_object, parse_int=_number,
+                               parse_float=_number, parse_constant=_constant)
     except (ValueError, RecursionError) as exc:
-        # ValueError covers bad UTF-8, bad JSON and over-long integers;
-        # RecursionError a deeply nested document well under the size cap.
+        # RecursionError: a deeply nested document well under the size cap.
         raise InvalidCommand(f"malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise InvalidCommand("command must be a JSON object")
+    _unicode_only(data)
     return data
 
 

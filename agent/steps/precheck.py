@@ -67,6 +67,10 @@ async def assess(node: Node, cmd: Command, *, lock_held: bool = False) -> Assess
     detected = await node.probe.detect(use_record=False)
     if detected is not None and detected.version == cmd.target:
         return Assessment(detected, None, None, None)
+    if detected is not None and _refused_by_policy(node, detected, cmd):
+        # A downgrade or too long a skip is the answer, whatever the registry says.
+        report = await run_prechecks(node, cmd, lock_held=lock_held, detected=detected)
+        return Assessment(report.detected, None, None, report)
     ref = cmd.image.with_tag(str(cmd.target))
     info: ImageInfo | None = None
     try:
@@ -79,6 +83,14 @@ async def assess(node: Node, cmd: Command, *, lock_held: bool = False) -> Assess
     report = await run_prechecks(node, cmd, image_bytes=image_bytes, lock_held=lock_held,
                                  detected=detected)
     return Assessment(report.detected, info, image_check, report)
+
+
+def _refused_by_policy(node: Node, detected: Detected, cmd: Command) -> bool:
+    try:
+        node.config.policy.decide(detected.version, cmd.target)
+    except AgentError:
+        return True
+    return False
 
 
 def unresolved_failure(node: Node) -> str | None:
