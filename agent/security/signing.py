@@ -9,6 +9,10 @@ The signature covers everything the agent acts on, including the id and the
 validity window, so a captured command can neither be altered nor stretched.
 Replay within the window is the journal's job: it records seen command ids
 until their ``expiresAt``.
+
+``cryptography`` (about 8 MiB of resident memory) is imported only when a key
+is loaded or a signature checked: a daemon that requires no signatures and
+has no trusted keys never loads it (docs/performance.md, "Idle memory").
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import ConfigError, InvalidCommand
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 ALG = "Ed25519"
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -155,6 +161,9 @@ def verify(
         raise InvalidCommand("malformed signature") from None
     if len(raw) != 64:
         raise InvalidCommand("malformed signature")
+    # Lazy: a key in `keys` means cryptography is loaded already; this is its exception.
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
+
     try:
         public.verify(raw, message)
     except InvalidSignature:
@@ -190,6 +199,15 @@ def load_public_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
             f"{directory}: cannot read trusted keys directory: {exc.strerror}"
         ) from None
     keys: dict[str, Ed25519PublicKey] = {}
+    if not paths:
+        return keys  # an empty directory: nothing to parse, so cryptography stays unloaded
+    # Lazy (module docstring): only a directory with keys in it needs cryptography.
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415
+
     for path in paths:
         key_id = path.name[: -len(".pub")]
         if not KEY_ID_RE.fullmatch(key_id):
@@ -208,6 +226,12 @@ def load_public_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """An unencrypted PKCS8 PEM Ed25519 private key."""
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415 (lazy)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PrivateKey,
+    )
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key  # noqa: PLC0415
+
     try:
         key = load_pem_private_key(path.read_bytes(), password=None)
     except OSError as exc:
