@@ -8,6 +8,7 @@ Exit codes (docs/operations.md):
   4  busy: another job or keadm holds the lock
   5  refused by precheck or policy; dry-run NO-GO
   6  the agent's journal is unusable
+  10 doctor: warnings only;  11 doctor: errors found (a finding is not a failure)
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, metrics
 from agent.config import DEFAULT_CONFIG, Config, check_daemon_files, load_config
 from agent.daemon import run_daemon
+from agent.doctor import run as run_doctor
 from agent.errors import AgentError
 from agent.execute import execute, recover_all, rehearse
-from agent.logs import setup_logging
+from agent.logs import setup_logging, show_job_log
 from agent.messages.commands import Command, Operation, build_command, new_job_name
 from agent.model import Job
 from agent.node import Node, build_node
@@ -38,6 +40,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ROLLBACK_FAILED, EXIT_BUSY, EXIT_REFUSED 
 
 # Most serious first: `recover` reports the worst outcome of all its jobs.
 SEVERITY = (3, 6, 1, 5, 4, 2, 0)
+# Commands that run jobs: with metrics.textfile set, each rewrites it once at the end.
+JOB_COMMANDS = frozenset({"upgrade", "prepull", "rollback", "resolve", "confirm", "recover"})
 
 
 def job_exit_code(job: Job) -> int:
@@ -131,11 +135,17 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("job_key", help="the key of the job that ended rollback_failed")
     rs.add_argument("--yes", action="store_true")
     cmd("recover", "finish or roll back any job a crash left behind")
+    dr = cmd("doctor", "diagnose the common installation problems (exit 0 ok, 10 warn, 11 error)")
+    dr.add_argument("--timeout", type=float, default=3.0, help="seconds per network check")
+    dr.add_argument("--to-version", help="check this version's package (default: the current)")
     cf = cmd("confirm", "release a job waiting for confirmation")
     cf.add_argument("job_key")
     cmd("status", "edgecore version, service, current job, locks")
     hi = cmd("history", "past jobs")
     hi.add_argument("--limit", type=int, default=20)
+    lg = cmd("logs", "a job's log: the agent's JSON lines and the installer's output")
+    lg.add_argument("job_key", help="the job's key (jobKey), e.g. job-1 or job-1/h1")
+    lg.add_argument("-f", "--follow", action="store_true", help="print new lines until Ctrl-C")
     cfg = cmd("config", "configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_cmd", required=True)
     val = cfg_sub.add_parser("validate", parents=[common], help="check a config file")
@@ -286,11 +296,16 @@ def main(argv: list[str] | None = None) -> int:
                                 *(f"{where}: warning: {d}" for d in config.deprecations)]))
             return EXIT_OK
         config = load(args)
-        setup_logging(config.log_level)
+        setup_logging(config.log_level, job_log_dir=config.state_dir / "logs")
+        if args.cmd == "logs":
+            show_job_log(config.state_dir / "logs", args.job_key, follow=args.follow)
+            return EXIT_OK
         if args.cmd == "run":
             check_daemon_files(config)
             return asyncio.run(run_daemon(config))
         node = build_node(config)
+        if args.cmd in JOB_COMMANDS:
+            metrics.enable(config, node, serve=False)
         try:
             if args.cmd == "upgrade":
                 return asyncio.run(_upgrade(node, args, out))
@@ -306,10 +321,16 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_confirm_job(node, args.job_key, out))
             if args.cmd == "recover":
                 return asyncio.run(_recover(node, out))
+            if args.cmd == "doctor":
+                data, text, code = asyncio.run(
+                    run_doctor(node, timeout=args.timeout, to_version=args.to_version))
+                out.emit(data, text)
+                return code
             if args.cmd == "status":
                 return asyncio.run(_status(node, out))
             return _history(node, args, out)
         finally:
+            metrics.flush()
             node.close()
     except AgentError as exc:
         out.error(exc)

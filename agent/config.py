@@ -128,6 +128,19 @@ class Transport:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """``metrics``: off unless ``listen`` or ``textfile`` is set (agent/metrics.py)."""
+
+    listen: tuple[str, int] | None = None  # (host, port) of GET /metrics; None: no endpoint
+    textfile: str | None = None  # agent path of a node_exporter textfile; None: none
+    textfile_interval_seconds: float = 60.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None or self.textfile is not None
+
+
+@dataclass(frozen=True)
 class Config:
     node_name: str
     paths: Paths = field(default_factory=Paths)
@@ -146,6 +159,7 @@ class Config:
     installers: tuple[tuple[str, tuple[str, ...]], ...] = ()
     transport: Transport = field(default_factory=Transport)
     security: Security = field(default_factory=Security)
+    metrics: Metrics = field(default_factory=Metrics)
     log_level: str = "info"
     labels: tuple[tuple[str, str], ...] = ()  # this node's labels, for fleet selectors
     deprecations: tuple[str, ...] = ()  # old keys read under their new names: warn
@@ -281,6 +295,14 @@ def parse_config(data: Any) -> Config:
     )
     sec.done()
 
+    me = top.section("metrics")
+    metrics = Metrics(
+        _listen(me),
+        me.path("textfile", None),
+        me.number("textfile_interval_seconds", 60, 1, 3600),
+    )
+    me.done()
+
     lg = top.section("logging")
     level = lg.choice("level", "info", ("debug", "info", "warning", "error"))
     lg.done()
@@ -303,6 +325,7 @@ def parse_config(data: Any) -> Config:
         installers=installers,
         transport=transport,
         security=security,
+        metrics=metrics,
         log_level=level,
         labels=tuple(sorted(labels.items())),
         deprecations=deprecations,
@@ -335,6 +358,29 @@ def _backup_dir(section: Section) -> str | None:
             "overwrites it during an upgrade, so the agent's backups must live elsewhere "
             "(default: <state_dir>/backups)")
     return value
+
+
+def _listen(section: Section) -> tuple[str, int] | None:
+    """``[host:]port``: a port alone binds loopback; IPv6 hosts in brackets."""
+    value = section.get("listen", (str, int), None)
+    if value is None:
+        return None
+    where = section.key("listen")
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected [host:]port, got {value!r}")
+    host, sep, port = str(value).rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"{where}: put an IPv6 address in brackets, as in \"[::1]:9464\"")
+    if not host or not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", host):
+        raise ConfigError(f"{where}: {value!r} has no valid host; give [host:]port, e.g. "
+                          "9464 (loopback) or 0.0.0.0:9464 (every interface)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {value!r} has no port in 1..65535")
+    return host, int(port)
 
 
 def _strings(section: Section, name: str, default: tuple[str, ...]) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from agent import __version__
+from agent import __version__, metrics
 from agent.backends import transport_plugin
 from agent.config import Config
 from agent.errors import AgentError, Busy, JournalError
@@ -91,6 +91,7 @@ class Daemon:
             try:
                 with self.node.lock:
                     await self.runner.run(job)
+                await metrics.current().after_job()  # edgecore's version, the textfile
             except Busy as exc:
                 log.info("waiting for the lock", job=item, reason=exc.reason)
                 await asyncio.sleep(BUSY_RETRY_SECONDS)
@@ -183,6 +184,7 @@ async def run_daemon(config: Config) -> int:
     node = build_node(config)
     daemon = Daemon(node, Parser(config))
     daemon.transport = make_transport(config, daemon)
+    recorder = metrics.enable(config, node, rejected=lambda: daemon.intake.rejected_total)
     while True:
         try:
             daemon.recover()
@@ -203,10 +205,13 @@ async def run_daemon(config: Config) -> int:
              stop.wait()]
     if (interval := watchdog_interval()) is not None:
         tasks.append(daemon.watchdog(interval))
+    if recorder is not None:
+        tasks.append(recorder.run())
     try:
         await _supervise(*tasks)  # type: ignore[arg-type]
     finally:
         sd_notify("STOPPING=1")
+        metrics.disable()
         node.close()
         log.info("agent stopped")
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import structlog
 
+from agent import metrics
 from agent.adapters.edgecore import Detected
 from agent.errors import (
     AgentError,
@@ -31,6 +32,7 @@ from agent.errors import (
 )
 from agent.faults import fault_point
 from agent.locks import check_marker, keadm_pids
+from agent.logs import note_phase
 from agent.messages.commands import Command, Operation
 from agent.messages.reports import build_report
 from agent.model import ActionStatus, Job, utc_now
@@ -142,6 +144,7 @@ class Runner:
     async def run(self, job: Job) -> Job:
         """Drive ``job`` until it is terminal or parked. The caller holds the lock."""
         with structlog.contextvars.bound_contextvars(job=job.key):
+            note_phase(job.key, job.state.value)  # lines before the first transition too
             while not job.terminal and job.state != State.AWAITING_CONFIRMATION:
                 if self._cancel_requested(job.key):
                     job = self.cancel(job)
@@ -149,7 +152,8 @@ class Runner:
                 if job.entry_count(job.state) > self.node.config.max_state_entries:
                     job = self._break_loop(job)
                     continue
-                job = await self._step(job)
+                with metrics.timed(job.state.value):  # the phase histogram
+                    job = await self._step(job)
         self._cancel_requested(job.key)  # a late cancel of a finished job: forget it
         return job
 

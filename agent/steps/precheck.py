@@ -10,6 +10,7 @@ from agent.adapters.edgecore import Detected
 from agent.adapters.files import tree_size
 from agent.adapters.images import ImageInfo, verify_digest
 from agent.adapters.keadm import era, unknown_era
+from agent.doctor import doomed
 from agent.errors import AgentError, Busy
 from agent.locks import inspect_marker
 from agent.messages.commands import Command
@@ -130,6 +131,9 @@ async def run_prechecks(node: Node, cmd: Command, *, image_bytes: int = 0,
 
     if (blocked := unresolved_failure(node)) is not None:
         add("node", False, blocked)
+    for finding in doomed(node):
+        # The doctor's local, certain failures: no edgecore could start after the upgrade.
+        add(finding.name, False, f"{finding.detail}; fix: {finding.fix}")
     files = node.probe.files()
     if not files.binary.is_file():
         add("edgecore", False, f"edgecore binary missing at {files.binary}")

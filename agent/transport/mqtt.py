@@ -31,6 +31,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import metrics
 from agent.config_reader import Section
 from agent.errors import AgentError, ConfigError, TransientError
 from agent.systemd_notify import sd_notify
@@ -225,6 +226,7 @@ class MqttTransport:
         self._client = client
         self._connected.set()
         self.connections += 1
+        metrics.current().broker(True)
         sd_notify(f"STATUS=connected to {self.mqtt.host}:{self.mqtt.port}")
         log.info("connected to broker", host=self.mqtt.host, port=self.mqtt.port,
                  connections=self.connections)
@@ -232,6 +234,7 @@ class MqttTransport:
     def _on_disconnected(self) -> None:
         self._client = None
         self._connected.clear()
+        metrics.current().broker(False)
         for fut in self._acks.values():
             if not fut.done():
                 fut.set_exception(TransientError("connection lost before PUBACK"))
