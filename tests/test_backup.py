@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.adapters.edgecore import EdgecoreFiles
-from agent.adapters.files import atomic_install, sha256_file
+from agent.adapters.files import (
+    FileDigest,
+    atomic_install,
+    copy_hashed,
+    sha256_file,
+    sqlite_backup,
+    sqlite_copy,
+)
 from agent.errors import BackupError
 from agent.steps.backup import (
     MANIFEST,
@@ -273,6 +285,271 @@ def test_make_backup_db_path_with_uri_characters(tmp_path: Path, node: EdgecoreF
     # backs that up: the backup "succeeds" without a single row
     assert db_report(tmp_path / "backup" / OLD / "edgecore.db") == ("ok", ROWS, ROWS)
     assert not (tmp_path / "odd").exists()
+
+
+# --------------------------------------------------------------------------- copies under load
+
+# A writer process, as edgecore is one: every transaction bumps a counter, appends
+# a row and rewrites a random older one (a page anywhere in the file), so
+# ``counter.n == count(log) == max(log.n)`` in every committed state, and a copy
+# that mixes two states breaks that or the B-tree (integrity_check).
+WRITER = """
+import os, random, sqlite3, sys, time
+db, mode = sys.argv[1], sys.argv[2]
+conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+conn.execute("PRAGMA journal_mode=" + mode).fetchall()
+conn.execute("PRAGMA synchronous=OFF")  # no fsyncs: many more commits per copy
+n = conn.execute("SELECT n FROM counter").fetchone()[0]
+print("ready", flush=True)
+while True:
+    conn.execute("BEGIN IMMEDIATE")
+    n += 1
+    conn.execute("UPDATE counter SET n = ?", (n,))
+    conn.execute("INSERT INTO log (n, payload) VALUES (?, ?)", (n, os.urandom(1500)))
+    conn.execute("UPDATE log SET payload = ? WHERE n = ?",
+                 (os.urandom(random.randrange(100, 3000)), random.randrange(1, n)))
+    conn.execute("COMMIT")
+    time.sleep(0.001)  # in a rollback journal a writer that never pauses starves all readers
+"""
+WRITER_ROWS = 2000  # about 4 MiB: the writer commits around each copy (in WAL, during it)
+
+
+def create_counter_db(path: Path, journal_mode: str) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with connect(path) as db:
+        assert db.execute(f"PRAGMA journal_mode={journal_mode}").fetchone() == (journal_mode,)
+        db.execute("CREATE TABLE counter (n INTEGER NOT NULL)")
+        db.execute("CREATE TABLE log (n INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+        db.execute("BEGIN")
+        db.execute("INSERT INTO counter VALUES (?)", (WRITER_ROWS,))
+        db.executemany("INSERT INTO log VALUES (?, ?)",
+                       [(i, os.urandom(2000)) for i in range(1, WRITER_ROWS + 1)])
+        db.execute("COMMIT")
+
+
+def committed(db_path: Path) -> int:
+    with connect(db_path) as db:
+        return int(db.execute("SELECT n FROM counter").fetchone()[0])
+
+
+def counter_report(path: Path) -> tuple[str, int, int, int]:
+    """(integrity_check, counter, row count, max n) of a copy of the backed-up ``path``."""
+    probe = path.with_name(path.name + ".probe")
+    shutil.copyfile(path, probe)
+    try:
+        with connect(probe) as db:
+            check = str(db.execute("PRAGMA integrity_check").fetchone()[0])
+            (n,) = db.execute("SELECT n FROM counter").fetchone()
+            count, top = db.execute("SELECT count(*), max(n) FROM log").fetchone()
+        return check, int(n), int(count), int(top)
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{probe}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def backup_api_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The database copies that fell back to SQLite's backup API."""
+    calls: list[Path] = []
+
+    def counting(src: Path, dst: Path) -> FileDigest:
+        calls.append(src)
+        return sqlite_backup(src, dst)
+
+    monkeypatch.setattr("agent.adapters.files.sqlite_backup", counting)
+    return calls
+
+
+# "delete" is edgecore's: its DSN sets no journal mode, so SQLite's default
+# rollback journal (the stand-in's _migrate does the same).
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_make_backup_db_consistent_while_a_writer_process_hammers_it(
+    node: EdgecoreFiles, backup_root: Path, backup_api_calls: list[Path], journal_mode: str
+) -> None:
+    """Ten backups while another process commits. A plain copy of the file without
+    the read transaction fails this in both modes (tried: a torn B-tree or
+    counter != rows with a rollback journal, a state older than ``before`` in WAL)."""
+    create_counter_db(node.db, journal_mode)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(node.db), journal_mode],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 10
+        while committed(node.db) == WRITER_ROWS:  # its first commit (bounds a hang only)
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        seen = []
+        for _ in range(10):
+            before = committed(node.db)
+            manifest = make_backup(backup_root, OLD, node)
+            after = committed(node.db)
+            check, n, count, top = counter_report(backup_root / OLD / "edgecore.db")
+            assert check == "ok"
+            assert n == count == top  # one committed state, not a mix of two
+            assert before <= n <= after  # ... and one the writer really committed
+            seen.append(n)
+            entry = manifest.entry("edgecore.db")
+            assert entry is not None
+            assert entry.digest == sha256_file(backup_root / OLD / "edgecore.db")
+            verify_backup(backup_root / OLD)
+        assert writer.poll() is None, "the writer died"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert seen[-1] > seen[0]  # the writer went on committing during the backups
+    # Each copy was the plain file copy, never the page-by-page backup API: in
+    # WAL mode a few-millisecond hold of the write lock lets the checkpoint catch up.
+    assert backup_api_calls == []
+
+
+def test_wal_copy_falls_back_to_backup_api_behind_an_old_reader(
+    node: EdgecoreFiles, tmp_path: Path, backup_api_calls: list[Path]
+) -> None:
+    """A reader on an old snapshot keeps the checkpoint from reaching the newest
+    commit: the main file alone is then not a snapshot, and the backup API copies."""
+    with connect(node.db) as old_reader, connect(node.db) as writer:
+        old_reader.execute("BEGIN")
+        assert old_reader.execute("SELECT count(*) FROM meta").fetchone() == (ROWS,)
+        writer.execute("INSERT INTO meta (id, value) VALUES (?, 'after the reader')",
+                       (ROWS + 1,))
+        digest = sqlite_copy(node.db, tmp_path / "copy.db")
+        old_reader.execute("ROLLBACK")
+    assert backup_api_calls == [node.db]
+    assert digest == sha256_file(tmp_path / "copy.db")
+    assert db_report(tmp_path / "copy.db") == ("ok", ROWS + 1, ROWS + 1)
+
+
+def test_wal_copy_holds_the_write_lock_when_a_commit_slips_in(
+    node: EdgecoreFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    backup_api_calls: list[Path]
+) -> None:
+    """A commit between our read transaction and the checkpoint that checks it: the
+    second try, with commits held off for a moment, copies the newer state."""
+    import agent.adapters.files as files_mod
+
+    real_begin = files_mod._begin_read
+    begun: list[str] = []
+
+    def begin_then_commit(conn: sqlite3.Connection) -> str:
+        mode = real_begin(conn)
+        begun.append(mode)
+        if len(begun) == 2:  # the first try in WAL mode: a commit right after it
+            with connect(node.db) as other:
+                other.execute("INSERT INTO meta (id, value) VALUES (?, 'slipped in')",
+                              (ROWS + 1,))
+        return mode
+
+    monkeypatch.setattr(files_mod, "_begin_read", begin_then_commit)
+    sqlite_copy(node.db, tmp_path / "copy.db")
+    assert begun == ["wal", "wal", "wal"]  # journal mode; first try; the try under the lock
+    assert backup_api_calls == []
+    assert db_report(tmp_path / "copy.db") == ("ok", ROWS + 1, ROWS + 1)
+
+
+def test_rollback_journal_copy_is_the_file_itself(node: EdgecoreFiles, tmp_path: Path,
+                                                  backup_api_calls: list[Path]) -> None:
+    create_counter_db(node.db, "delete")
+    node.db.chmod(0o640)
+    digest = sqlite_copy(node.db, tmp_path / "copy.db")
+    assert (tmp_path / "copy.db").read_bytes() == node.db.read_bytes()
+    assert digest == FileDigest(sha256_file(node.db).sha256, node.db.stat().st_size, 0o640)
+    assert mode_of(tmp_path / "copy.db") == 0o640
+    assert backup_api_calls == []
+
+
+def test_wal_copy_after_commits_left_in_the_wal(node: EdgecoreFiles, tmp_path: Path,
+                                                backup_api_calls: list[Path]) -> None:
+    with connect(node.db) as db:
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        db.execute("DELETE FROM meta WHERE id > 10")
+        assert Path(f"{node.db}-wal").stat().st_size > 0
+        sqlite_copy(node.db, tmp_path / "copy.db")
+    assert backup_api_calls == []  # checkpointed first, then copied
+    assert db_report(tmp_path / "copy.db") == ("ok", 10, 10)
+
+
+# --------------------------------------------------------------------------- copy_hashed
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Chunks of 64 KiB, so that small files take the threaded, multi-chunk path."""
+    monkeypatch.setattr("agent.adapters.files.COPY_CHUNK", 64 * 1024)
+    return 64 * 1024
+
+
+@pytest.mark.parametrize("size_in_chunks", [0, 0.5, 1, 5, 5.25, 40.001])
+def test_copy_hashed_sizes(tmp_path: Path, small_chunks: int, size_in_chunks: float) -> None:
+    data = os.urandom(int(size_in_chunks * small_chunks))
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    src.chmod(0o751)
+    digest = copy_hashed(src, tmp_path / "dst")
+    assert (tmp_path / "dst").read_bytes() == data
+    assert digest == FileDigest(sha(data), len(data), 0o751)
+    assert mode_of(tmp_path / "dst") == 0o751
+
+
+@pytest.mark.parametrize(
+    ("broken", "tried"),
+    [
+        pytest.param({}, ["copy_file_range"], id="copy_file_range"),
+        pytest.param({"copy_file_range": errno.EXDEV}, ["copy_file_range", "sendfile"],
+                     id="other-filesystem"),
+        pytest.param({"copy_file_range": errno.ENOSYS, "sendfile": errno.EINVAL},
+                     ["copy_file_range", "sendfile"], id="neither-kernel-copy"),
+        pytest.param({"copy_file_range": 0}, ["copy_file_range"],
+                     id="copy_file_range-returns-0"),
+    ],
+)
+def test_copy_hashed_falls_back_from_kernel_copies(
+    tmp_path: Path, small_chunks: int, monkeypatch: pytest.MonkeyPatch, broken: dict[str, int],
+    tried: list[str]
+) -> None:
+    used: list[str] = []
+    for name in ("copy_file_range", "sendfile"):
+        real = getattr(os, name)
+
+        def fake(*args: int, _name: str = name, _real: Any = real) -> int:
+            used.append(_name)
+            if _name in broken:
+                if not broken[_name]:
+                    return 0
+                raise OSError(broken[_name], os.strerror(broken[_name]))
+            return int(_real(*args))
+
+        monkeypatch.setattr(f"agent.adapters.files.os.{name}", fake)
+    data = os.urandom(small_chunks * 3 + 17)
+    (tmp_path / "src").write_bytes(data)
+    digest = copy_hashed(tmp_path / "src", tmp_path / "dst")
+    assert (tmp_path / "dst").read_bytes() == data
+    assert digest.sha256 == sha(data)
+    assert list(dict.fromkeys(used)) == tried
+    if broken:  # given up on its first failure, not tried again for every chunk
+        assert used.count("copy_file_range") == 1
+        assert used.count("sendfile") == (0 if "sendfile" not in tried else
+                                          1 if "sendfile" in broken else len(used) - 1)
+
+
+def test_copy_hashed_error_leaves_no_thread_behind(tmp_path: Path, small_chunks: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.copy_file_range
+    calls = []
+
+    def failing(*args: int) -> int:
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr("agent.adapters.files.os.copy_file_range", failing)
+    (tmp_path / "src").write_bytes(os.urandom(small_chunks * 10))
+    before = threading.active_count()
+    with pytest.raises(OSError, match="No space"):
+        copy_hashed(tmp_path / "src", tmp_path / "dst")
+    assert threading.active_count() == before
 
 
 # --------------------------------------------------------------------------- verify_backup
