@@ -19,15 +19,13 @@ from pathlib import Path
 
 import structlog
 
-from agent import metrics
-from agent.adapters.edgecore import Detected
+from agent import metrics, operations
 from agent.errors import (
     AgentError,
     Busy,
     InvalidCommand,
     PrecheckFailed,
     RollbackError,
-    StepError,
     cap,
 )
 from agent.faults import fault_point
@@ -37,8 +35,9 @@ from agent.messages.commands import Command, Operation
 from agent.messages.reports import build_report
 from agent.model import ActionStatus, Job, utc_now
 from agent.node import RECORD_KEY, Node
+from agent.operations import with_version
 from agent.states import NODE_TOUCHED, Action, Note, State
-from agent.steps.backup import list_backups, make_backup, prune_backups
+from agent.steps.backup import make_backup, prune_backups
 from agent.steps.image import stage_image
 from agent.steps.install import (
     check_result,
@@ -48,7 +47,7 @@ from agent.steps.install import (
     run_installer,
     take_keadm_report,
 )
-from agent.steps.precheck import assess, resolve_verdict, unresolved_failure
+from agent.steps.precheck import assess, unresolved_failure
 from agent.steps.rollback import roll_back
 from agent.steps.unit import guard_unit, keep_operator_unit
 from agent.steps.verify import ensure_new_running, health_gate
@@ -237,9 +236,9 @@ class Runner:
     async def _check(self, job: Job) -> Job:
         cmd = job.command
         if cmd.operation == Operation.PREPULL:
-            return await self._prepull(job)
+            return await operations.prepull(self, job)
         if cmd.operation == Operation.RESOLVE:
-            return self._resolve(job)
+            return operations.resolve(self, job)
         # A keadm at work (ours or anyone's) rules out an upgrade and a rollback alike.
         marker = check_marker(self.node.keadm_marker, cmd.timeout_seconds)
         if marker.stale:
@@ -252,11 +251,11 @@ class Runner:
             log.warning("cleared a stale keadm marker", age_s=round(marker.age_seconds))
             self.node.keadm_marker.unlink(missing_ok=True)
         if cmd.operation == Operation.ROLLBACK:
-            return await self._manual_rollback(job)
+            return await operations.manual_rollback(self, job)
         if (blocked := unresolved_failure(self.node)) is not None:
             raise PrecheckFailed(blocked)
         found = await assess(self.node, cmd, lock_held=True)
-        job = _with_version(job, found.detected)
+        job = with_version(job, found.detected)
         if found.report is None:
             return self.advance(job, State.SKIPPED, f"already at {cmd.target}",
                                 action=(Action.CHECK, True))
@@ -270,7 +269,7 @@ class Runner:
         cmd = job.command
         if cmd.require_confirmation and job.note(Note.CONFIRMED) != "yes":
             return self.advance(job, State.AWAITING_CONFIRMATION, "waiting for confirmation")
-        staged = await stage_image(self.node, cmd, lambda msg: self._progress(job, msg))
+        staged = await stage_image(self.node, cmd, lambda msg: self.progress(job, msg))
         staged_why = "image staged" + (" (already staged from this digest: not extracted again)"
                                        if staged.reused else "")
         job = self.advance(job, job.state, staged_why, action=(Action.CHECK, True),
@@ -279,7 +278,7 @@ class Runner:
         return self.advance(job, State.IMAGE_READY, f"image {staged.info.digest} ready",
                             action=(Action.WAITING_CONFIRMATION, True))
 
-    def _progress(self, job: Job, message: str) -> None:
+    def progress(self, job: Job, message: str) -> None:
         """Pull progress as a report of its own (already throttled by the backend)."""
         log.info(message, job=job.key)
         self.node.journal.event(job.key, lambda j: build_report(replace(j, reason=message)))
@@ -382,51 +381,6 @@ class Runner:
             return
         if started is not None and mtime >= float(started) - 1 and not keadm_pids():
             self.node.keadm_marker.unlink(missing_ok=True)
-
-    async def _prepull(self, job: Job) -> Job:
-        """Fetch and verify the package now, so the upgrade later skips the download."""
-        started = time.monotonic()
-        try:
-            staged = await stage_image(self.node, job.command,
-                                       lambda msg: self._progress(job, msg))
-        except AgentError as exc:
-            raise StepError(f"prepull: {exc.reason}") from exc
-        return self.advance(job, State.SUCCEEDED,
-                            f"prepulled {staged.info.ref} ({staged.info.size} bytes, "
-                            f"{staged.info.digest}) in {time.monotonic() - started:.1f}s",
-                            notes={Note.IMAGE_SIZE: str(staged.info.size)})
-
-    def _resolve(self, job: Job) -> Job:
-        """``resolve JOB``: the operator says the node a failed rollback left is repaired."""
-        key = job.command.resolves
-        state, reason = resolve_verdict(self.node, key)
-        if state == State.FAILED:
-            raise PrecheckFailed(reason)
-        return self.advance(job, state, reason)
-
-    async def _manual_rollback(self, job: Job) -> Job:
-        """``rollback [--to-version V]``: restore a backup (the newest by default)."""
-        root = self.node.backup_root
-        backups = list_backups(root)
-        target = job.command.version or (backups[-1] if backups else None)
-        if target is None or target not in backups:
-            what = f"no backup of {target}" if target else "no backups"
-            raise PrecheckFailed(f"{what} in {root}")
-        detected = await self.node.probe.detect(use_record=False)
-        current = str(detected.version) if detected else None
-        job = _with_version(job, detected)
-        return self.advance(job, State.ROLLING_BACK,
-                            f"manual rollback from {current or 'unknown'} to {target}",
-                            notes={Note.BACKUP: str(root / str(target)),
-                                   Note.RESTORE_VERSION: str(target)})
-
-
-def _with_version(job: Job, detected: Detected | None) -> Job:
-    """The detected version, and (for every later report) the source that answered."""
-    if detected is None:
-        return replace(job, from_version=None)
-    notes = {**dict(job.notes), Note.VERSION_SOURCE.value: detected.source}
-    return replace(job, from_version=str(detected.version), notes=tuple(sorted(notes.items())))
 
 
 
