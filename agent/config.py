@@ -297,7 +297,7 @@ def parse_config(data: Any) -> Config:
 
     me = top.section("metrics")
     metrics = Metrics(
-        _listen(me),
+        me.address("listen"),
         me.path("textfile", None),
         me.number("textfile_interval_seconds", 60, 1, 3600),
     )
@@ -358,29 +358,6 @@ def _backup_dir(section: Section) -> str | None:
             "overwrites it during an upgrade, so the agent's backups must live elsewhere "
             "(default: <state_dir>/backups)")
     return value
-
-
-def _listen(section: Section) -> tuple[str, int] | None:
-    """``[host:]port``: a port alone binds loopback; IPv6 hosts in brackets."""
-    value = section.get("listen", (str, int), None)
-    if value is None:
-        return None
-    where = section.key("listen")
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected [host:]port, got {value!r}")
-    host, sep, port = str(value).rpartition(":")
-    if not sep:
-        host = "127.0.0.1"
-    elif host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ConfigError(f"{where}: put an IPv6 address in brackets, as in \"[::1]:9464\"")
-    if not host or not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", host):
-        raise ConfigError(f"{where}: {value!r} has no valid host; give [host:]port, e.g. "
-                          "9464 (loopback) or 0.0.0.0:9464 (every interface)")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"{where}: {value!r} has no port in 1..65535")
-    return host, int(port)
 
 
 def _strings(section: Section, name: str, default: tuple[str, ...]) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ the table of keys that moved (old files keep loading, with a warning)."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from agent.errors import ConfigError
@@ -62,6 +63,29 @@ class Section:
         if value is not None and not value.startswith("/"):
             raise ConfigError(f"{self.key(name)}: {value!r} must be an absolute path")
         return value
+
+    def address(self, name: str) -> tuple[str, int] | None:
+        """``[host:]port``: a port alone binds loopback; IPv6 hosts in brackets."""
+        value = self.get(name, (str, int), None)
+        if value is None:
+            return None
+        where = self.key(name)
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected [host:]port, got {value!r}")
+        host, sep, port = str(value).rpartition(":")
+        if not sep:
+            host = "127.0.0.1"
+        elif host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ConfigError(f"{where}: put an IPv6 address in brackets, as in \"[::1]:9464\"")
+        if not host or not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", host, re.ASCII):
+            raise ConfigError(f"{where}: {value!r} has no valid host; give [host:]port, e.g. "
+                              "9464 (loopback) or 0.0.0.0:9464 (every interface)")
+        # ASCII digits only: str.isdigit() would take other scripts' digits too.
+        if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{where}: {value!r} has no port in 1..65535")
+        return host, int(port)
 
     def section(self, name: str) -> Section:
         self.used.add(name)
