@@ -6,6 +6,12 @@
 #                      [--prefix DIR] [--no-start] [--root DIR]
 #
 # What it does, in order (every step is safe to repeat):
+#   0. With --wheelhouse DIR (a bundle from scripts/build-wheelhouse.sh): its
+#      SHA256SUMS is verified and its bundle.json must name this host's
+#      architecture (uname -m: x86_64 = amd64, aarch64 = arm64) and the
+#      Python minor the venv will have; otherwise it is refused (exit 1)
+#      before anything is created. (An older bundle, without bundle.json, is
+#      taken with a warning only if every wheel's tags fit this host.)
 #   1. <prefix>/venv (default /opt/edge-upgrade-agent/venv): created with
 #      `python3 -m venv` if missing or broken, otherwise reused.
 #   2. The agent goes into it: from this source tree (pip builds it; needs
@@ -126,8 +132,8 @@ fi
 
 R=  # prefix of every system path; empty on a real install
 if [ -n "$root" ]; then
-    mkdir -p -- "$root"
-    R=$(cd -- "$root" && pwd -P)
+    # Resolved, not yet created: that waits until every check has passed.
+    R=$(realpath -m -- "$root")
     [ "$R" != / ] || R=
     no_start=1
 elif [ "$(id -u)" -ne 0 ]; then
@@ -152,6 +158,133 @@ confdir=$R/etc/edge-upgrade-agent
 conf=$confdir/agent.yaml
 unit_dst=$R/etc/systemd/system/$UNIT_NAME
 
+venv_usable() {
+    [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null
+}
+
+# -- 0. the bundle: checked before anything is touched -------------------------
+# Its SHA256SUMS first (nothing in a damaged copy, bundle.json included, can
+# be trusted), then its bundle.json against this host: `uname -m` as
+# amd64/arm64, and the minor version of the Python pip will install for (the
+# venv's if step 1 reuses it, else $PYTHON). Then every wheel's file name
+# tags, which is what pip would otherwise find out half-way through.
+#
+# A bundle without bundle.json comes from build-wheelhouse.sh before it took
+# --arch/--python: it was built natively, so its wheels' tags say what it is
+# for. It is accepted, with a warning, only if every wheel fits this host
+# (refusing would make every site rebuild a working bundle for nothing; the
+# tag check refuses the ones that would fail).
+check_bundle() { # DIR
+    local py=$PYTHON machine host_arch
+    ! venv_usable || py=$venv/bin/python
+    machine=$(uname -m)
+    case $machine in
+        x86_64) host_arch=amd64 ;;
+        aarch64 | arm64) host_arch=arm64 machine=aarch64 ;;
+        *) host_arch=$machine ;;
+    esac
+    "$py" - "$1" "$host_arch" "$machine" <<'PY'
+import hashlib, json, re, struct, sys
+from pathlib import Path
+
+d, host_arch, machine = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+minor = sys.version_info[1]
+host_py = f"3.{minor}"
+if struct.calcsize("P") == 4 and machine in ("x86_64", "aarch64"):
+    # A 32-bit userland on a 64-bit kernel (e.g. Raspberry Pi OS armhf).
+    host_arch, machine = {"x86_64": ("i386", "i686"), "aarch64": ("armhf", "armv7l")}[machine]
+if host_arch in ("amd64", "arm64"):
+    hint = f"build one with scripts/build-wheelhouse.sh --arch {host_arch} --python {host_py}"
+else:
+    hint = ("scripts/build-wheelhouse.sh builds for amd64 and arm64 only: "
+            "install from the source tree (without --wheelhouse)")
+
+def refuse(msg):
+    sys.exit(f"install.sh: error: {d}: {msg}")
+
+sums = d / "SHA256SUMS"
+if not sums.is_file():
+    refuse("no SHA256SUMS: not a complete bundle from scripts/build-wheelhouse.sh; " + hint)
+listed = {}
+for n, line in enumerate(sums.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *]([^/\\]+)", line)
+    if not m:
+        refuse(f"SHA256SUMS line {n} is not '<sha256>  <file name>': {line[:80]!r}")
+    listed[m.group(2)] = m.group(1).lower()
+unlisted = sorted(p.name for p in d.glob("*.whl") if p.name not in listed)
+if unlisted:
+    refuse(f"not in SHA256SUMS, so not part of the bundle: {', '.join(unlisted)}")
+missing = sorted(name for name in listed if not (d / name).is_file())
+if missing:
+    refuse(f"listed in SHA256SUMS but missing (incomplete copy?): {', '.join(missing)}")
+bad = []
+for name, want in sorted(listed.items()):
+    h = hashlib.sha256()
+    with open(d / name, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != want:
+        bad.append(name)
+if bad:
+    refuse(f"SHA256SUMS does not match {', '.join(bad)} (damaged or altered copy): "
+           "copy the bundle again and check it with: sha256sum -c SHA256SUMS")
+
+manifest = d / "bundle.json"
+if manifest.is_file():
+    try:
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+        arch, py = str(meta["arch"]), str(meta["python"])
+    except (ValueError, KeyError, TypeError) as e:
+        refuse(f"bundle.json is not a build-wheelhouse.sh manifest ({e!r}); " + hint)
+    if (arch, py) != (host_arch, host_py):
+        refuse(f"this bundle is for {arch} / Python {py}; "
+               f"this host is {host_arch} / Python {host_py}: {hint}")
+    what = f"{arch} / Python {py}, agent {meta.get('agent_version', '?')}"
+else:
+    what = f"no bundle.json (an older bundle), wheels for {host_arch} / Python {host_py}"
+
+def fits(name):
+    """Whether pip on this host can install the wheel, by its file name tags."""
+    parts = name[:-len(".whl")].split("-")
+    if len(parts) not in (5, 6):
+        return False
+    pys, abis, plats = (set(t.split(".")) for t in parts[-3:])
+    if "any" not in plats and not any(
+            p.startswith(("manylinux", "linux_")) and p.endswith("_" + machine) for p in plats):
+        return False
+    for t in pys:
+        m = re.fullmatch(r"(py|cp)3(\d*)", t)
+        if not m:
+            continue
+        impl, x = m.group(1), int(m.group(2) or -1)
+        if impl == "py" and x <= minor and "none" in abis:
+            return True
+        if impl == "cp" and 0 <= x <= minor and "abi3" in abis:
+            return True
+        if impl == "cp" and x == minor and abis & {f"cp3{minor}", "none"}:
+            return True
+    return False
+
+wheels = sorted(p.name for p in d.glob("*.whl"))
+unfit = [w for w in wheels if not fits(w)]
+if unfit:
+    if manifest.is_file():
+        refuse(f"bundle.json says {arch} / Python {py}, but these wheels are not for it: "
+               f"{', '.join(unfit)}; " + hint)
+    refuse(f"an older bundle (no bundle.json) whose wheels are not all for {host_arch} / "
+           f"Python {host_py} ({', '.join(unfit)}): " + hint)
+if not manifest.is_file():
+    print(f"install.sh: WARNING: {d} has no bundle.json (built before build-wheelhouse.sh "
+          f"took --arch/--python); accepted as every wheel fits this host ({hint})",
+          file=sys.stderr)
+print(f"install.sh: bundle {d}: {what}, {len(wheels)} wheels, SHA256SUMS verified")
+PY
+}
+if [ -n "$wheelhouse" ]; then
+    check_bundle "$wheelhouse" || exit 1
+fi
+[ -z "$R" ] || mkdir -p -- "$R"
+
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 umask 022
@@ -159,7 +292,7 @@ umask 022
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
 
 # -- 1. the venv -------------------------------------------------------------
-if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+if venv_usable; then
     say "reusing $venv"
 else
     # Missing, or broken (e.g. the system python it pointed to was replaced).
