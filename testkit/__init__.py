@@ -18,4 +18,11 @@ the wheel installed on edge nodes holds ``agent`` alone
   ``../shared/kubeedge``, unpacked into a cache.
 - ``testkit.e2e_host``: a Debian host with systemd as PID 1, in a container,
   for the end-to-end tests and ``bench/real_upgrade.py``.
+- ``testkit.containerdenv``: a private containerd, and CRI's ``ImageStatus``
+  asked as keadm asks it; ``testkit.oci`` builds and pushes images (multi-arch
+  indexes too) without Docker.
+- ``testkit.arm64_host``: an arm64 Debian under qemu-user emulation, as a
+  chroot or with systemd as PID 1.
+- ``testkit.fakes``: in-process fakes (service manager, image backend,
+  transport, node) for the inner test ring.
 """

@@ -22,6 +22,7 @@ import json
 import mmap
 import os
 import re
+import sys
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,12 +219,21 @@ def running_sha256(pid: int) -> str | None:
     a restart still hashes as the old one, which is the point. A ``#!`` script
     (test stand-ins are) runs an interpreter: there the script named in
     argv[1] counts, and only if it has not changed since the process started.
+    Under binfmt_misc emulation (qemu-user on another CPU, flag P) ``exe`` is
+    the emulator for every process and argv is ``[emulator, program, argv0,
+    ...]``: the program in argv[1] counts, with the same "not changed since
+    start" rule, since no inode of it is held.
     """
     proc = Path(f"/proc/{pid}")
     try:
         argv = (proc / "cmdline").read_bytes().split(b"\0")
+        program: Path | None = None
+        if _emulated(proc) and len(argv) > 2 and argv[1][:1] == b"/":
+            program, argv = Path(os.fsdecode(argv[1])), argv[2:]
         script = Path(os.fsdecode(argv[1])) if len(argv) > 1 and argv[1][:1] == b"/" else None
-        if script is None or not _is_script(script):
+        if script is not None and _is_script(script):
+            program = script
+        if program is None:
             # The same process running the same inode hashes the same: asked twice
             # per upgrade (after keadm, in the health gate) for a 70 MB binary.
             st = (proc / "exe").stat()
@@ -233,11 +243,25 @@ def running_sha256(pid: int) -> str | None:
                 _RUNNING[key] = sha256_file(proc / "exe").sha256
             return _RUNNING[key]
         # The start time is known to a second (btime), hence the margin.
-        if script.stat().st_ctime > started_at(pid) + 1.0:
+        if program.stat().st_ctime > started_at(pid) + 1.0:
             return None  # replaced after start: the process runs something older
-        return sha256_file(script).sha256
+        return sha256_file(program).sha256
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _elf_machine(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(20)[18:20]  # e_machine
+
+
+def _emulated(proc: Path) -> bool:
+    """Whether ``proc`` runs a CPU emulator: its exe is built for another machine
+    than the interpreter running the agent."""
+    try:
+        return _elf_machine(proc / "exe") != _elf_machine(Path(sys.executable))
+    except OSError:
+        return False
 
 
 _RUNNING: dict[tuple[int, int, int, int, int], str] = {}
