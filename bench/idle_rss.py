@@ -90,7 +90,13 @@ from agent.security.signing import sign  # noqa: E402
 from testkit.broker import Broker  # noqa: E402
 from testkit.cloud import Cloud  # noqa: E402
 from testkit.pki import Pki, make_pki  # noqa: E402
-from testkit.standins import make_image_dir, make_node, start_edgecore, stop_edgecore  # noqa: E402
+from testkit.standins import (  # noqa: E402
+    make_image_dir,
+    make_node,
+    sandbox_settings,
+    start_edgecore,
+    stop_edgecore,
+)
 
 NODE = "node-1"
 IDLE_PROBE = "idle-probe"
@@ -298,16 +304,8 @@ class Daemon:
 
 
 def write_config(work: Path, root: Path, broker: Broker | None, **extra: Any) -> Path:
-    settings: dict[str, Any] = {
-        "node_name": NODE,
-        "paths": {"root": str(root)},
-        "service": {"manager": "process"},
-        "health": {"grace_seconds": 0.5, "start_timeout_seconds": 5,
-                   "poll_interval_seconds": 0.1},
-        "images": {"local": {"dir": "/images"}},
-        "precheck": {"reserve_bytes": 0},
-        "security": {"trusted_keys_dir": str(work / "trusted")},
-    }
+    settings = sandbox_settings(root, NODE)
+    settings["security"] = {"trusted_keys_dir": str(work / "trusted")}
     if broker is not None:
         cert, key = broker.pki.client(NODE)
         settings["transport"] = {"kind": "mqtt", "mqtt": {

@@ -90,7 +90,13 @@ if str(REPO) not in sys.path:
 
 from testkit.broker import Broker  # noqa: E402
 from testkit.pki import make_pki  # noqa: E402
-from testkit.standins import make_image_dir, make_node, start_edgecore, stop_edgecore  # noqa: E402
+from testkit.standins import (  # noqa: E402
+    make_image_dir,
+    make_node,
+    sandbox_settings,
+    start_edgecore,
+    stop_edgecore,
+)
 
 NODE = "node-1"
 ECHO = "node-2"
@@ -328,20 +334,12 @@ class Setup:
 
 def write_agent_config(work: Path, root: Path, broker: Broker) -> Path:
     cert, key = broker.pki.client(NODE)
-    settings: dict[str, Any] = {
-        "node_name": NODE,
-        "paths": {"root": str(root)},
-        "service": {"manager": "process"},
-        "health": {"grace_seconds": 0.5, "start_timeout_seconds": 5,
-                   "poll_interval_seconds": 0.1},
-        "images": {"local": {"dir": "/images"}},
-        "precheck": {"reserve_bytes": 0},
-        # Production MQTT defaults (keepalive 30 s, certificate check every 10 s)
-        # but for where the broker and the files are.
-        "transport": {"kind": "mqtt", "mqtt": {
-            "host": broker.host, "port": broker.port, "ca_file": str(broker.pki.ca_cert),
-            "cert_file": str(cert), "key_file": str(key)}},
-    }
+    settings = sandbox_settings(root, NODE)
+    # Production MQTT defaults (keepalive 30 s, certificate check every 10 s)
+    # but for where the broker and the files are.
+    settings["transport"] = {"kind": "mqtt", "mqtt": {
+        "host": broker.host, "port": broker.port, "ca_file": str(broker.pki.ca_cert),
+        "cert_file": str(cert), "key_file": str(key)}}
     path = work / "agent.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path

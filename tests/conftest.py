@@ -23,7 +23,14 @@ from typing import Any
 import pytest
 import yaml
 
-from testkit.standins import edgecore_pid, make_image_dir, make_node, start_edgecore, stop_edgecore
+from testkit.standins import (
+    edgecore_pid,
+    make_image_dir,
+    make_node,
+    sandbox_settings,
+    start_edgecore,
+    stop_edgecore,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_IMAGE = "kubeedge/installation-package"
@@ -146,16 +153,8 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     make_node(root, "v1.12.1")
     make_image_dir(root / "images", REPO_IMAGE, "v1.13.0")
     start_edgecore(root)
-    settings: dict[str, Any] = {
-        "node_name": "node-1",
-        "paths": {"root": str(root)},
-        "service": {"manager": "process"},
-        "health": {"grace_seconds": 0.5, "start_timeout_seconds": 5,
-                   "poll_interval_seconds": 0.1},
-        "images": {"local": {"dir": "/images"}},
-        "precheck": {"reserve_bytes": 0},
-        "transport": {"spool": {"poll_interval_seconds": 0.05}},
-    }
+    settings = sandbox_settings(root)
+    settings["transport"] = {"spool": {"poll_interval_seconds": 0.05}}
     box = Sandbox(root, tmp_path / "agent.yaml", settings)
     box.configure()
     yield box

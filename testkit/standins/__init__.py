@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -130,6 +131,22 @@ def _make_db(path: Path, version: str, rows: int) -> None:
             )
     finally:
         conn.close()
+
+
+def sandbox_settings(root: Path, node: str = "node-1") -> dict[str, Any]:
+    """The agent config of a sandboxed node under ``root`` (a directory standing in
+    for ``/``): the process manager runs the stand-in edgecore, unpacked images
+    under ``<root>/images``, fast health polling. Tests, the rehearsal and the
+    benches add their transport and whatever else they measure."""
+    return {
+        "node_name": node,
+        "paths": {"root": str(root)},
+        "service": {"manager": "process"},
+        "health": {"grace_seconds": 0.5, "start_timeout_seconds": 5,
+                   "poll_interval_seconds": 0.1},
+        "images": {"local": {"dir": "/images"}},
+        "precheck": {"reserve_bytes": 0},
+    }
 
 
 def make_node(
