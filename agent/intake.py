@@ -188,7 +188,9 @@ class Intake:
         now = time.monotonic()
         existing = self.journal.get(key)
         if existing is not None:
-            if now - self._resent.get(key, -60.0) >= 60:
+            # Forget resends over a minute old, so a stream of repeats cannot grow this.
+            self._resent = {k: t for k, t in self._resent.items() if now - t < 60}
+            if key not in self._resent:
                 self._resent[key] = now
                 self.runner.resend_final(existing)
             return

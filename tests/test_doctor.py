@@ -286,16 +286,13 @@ async def test_full_accept_queue_is_an_io_timeout(edge: Edge) -> None:
         held = _fill_queue(port)
         try:
             edge.point_at(port)
-            start = time.monotonic()
             found = await edge.cloud()
-            elapsed = time.monotonic() - start
         finally:
             for s in held:
                 s.close()
     assert_diagnosis(found["cloudcore-https"], "error",
                      f"dial tcp 127.0.0.1:{port}: i/o timeout", "drops the packets",
                      "ClusterIP", "nc -vz 127.0.0.1")
-    assert elapsed < 3 * T + 1  # bounded: both probes run at once, each within its timeout
 
 
 def _fill_queue(port: int) -> list[socket.socket]:

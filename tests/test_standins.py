@@ -284,10 +284,11 @@ def test_edgecore_version_flag_starts_it_like_real(
 ) -> None:
     real = require_real_binary(version, "edgecore")
     root = new_node(version=version)
+    configs = [real_config(version, tmp_path), root / CONFIG]
+    before = [c.read_bytes() for c in configs]
     running = [
-        start_logged([real, "--config", real_config(version, tmp_path), "--version"],
-                     tmp_path / "real.err", procs),
-        start_logged([root / BINARY, "--config", root / CONFIG, "--version"],
+        start_logged([real, "--config", configs[0], "--version"], tmp_path / "real.err", procs),
+        start_logged([root / BINARY, "--config", configs[1], "--version"],
                      tmp_path / "standin.err", procs),
     ]
     for proc, err in zip(running, ("real.err", "standin.err"), strict=True):
@@ -303,6 +304,8 @@ def test_edgecore_version_flag_starts_it_like_real(
         proc.wait(10)
         # The version is logged once: in the first line, nowhere else.
         assert (tmp_path / err).read_text().count(version) == 1
+    # Before v1.21 edgecore never rewrites its config (v1.21+ stand-ins do, as observed).
+    assert [c.read_bytes() for c in configs] == before
 
 
 def test_edgecore_logs_version_only_in_its_first_line(new_node: NodeFactory) -> None:
