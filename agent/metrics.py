@@ -285,26 +285,14 @@ class NodeMetrics:
 
     def write_textfile(self) -> None:
         """Temp file in the same directory, fsync, rename, fsync the directory."""
-        from agent.adapters.files import fsync_dir  # noqa: PLC0415
+        from agent.adapters.files import atomic_write  # noqa: PLC0415
 
         assert self.textfile is not None
         path = self.textfile
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not *.prom: never read
         try:
-            data = self.render()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                os.fchmod(fd, 0o644)  # node_exporter runs as another user
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            # node_exporter runs as another user; the temp file is never *.prom (never read)
+            atomic_write(path, self.render(), 0o644)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             log.error("metrics textfile not written", path=str(path),
                       error=exc.strerror or str(exc))
 

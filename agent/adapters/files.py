@@ -1,4 +1,8 @@
-"""Durable file operations: hash-while-copy, temp+fsync+rename, SQLite backups."""
+"""Durable file operations: hash-while-copy, temp+fsync+rename, SQLite backups.
+
+Durable means temp file in the same directory, fsync, rename, fsync of the
+directory (``atomic_write``, ``atomic_install``); tests/test_durability.py.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +48,34 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ensure_dir(path: Path) -> None:
+    """``mkdir -p`` whose new directories survive power loss: each parent is fsynced."""
+    if not path.is_dir():
+        ensure_dir(path.parent)
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+        fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data``: a temp file beside it, fsync, rename, fsync
+    of the directory (which must exist). A crash leaves the old file or the new.
+    Without ``mode`` the file is created as ``open`` would, under the umask."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.eua-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        with open(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            f.write(data)
+            f.flush()
+            os.fsync(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> FileDigest:
@@ -216,7 +248,7 @@ def atomic_install(src: Path, dst: Path, mode: int | None = None) -> FileDigest:
     half-written file under the final name.
     """
     tmp = dst.with_name(f".{dst.name}.eua-tmp")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dst.parent)
     try:
         digest = copy_hashed(src, tmp, mode)
         os.replace(tmp, dst)
@@ -364,8 +396,8 @@ def sqlite_backup(src: Path, dst: Path) -> FileDigest:
     finally:
         source.close()
     with dst.open("rb+") as f:
+        os.fchmod(f.fileno(), src.stat().st_mode & 0o7777)  # before the fsync: it is metadata
         os.fsync(f.fileno())
-    os.chmod(dst, src.stat().st_mode & 0o7777)
     return sha256_file(dst)
 
 

@@ -31,6 +31,7 @@ from agent.adapters.files import (
     FileDigest,
     atomic_install,
     copy_hashed,
+    ensure_dir,
     fsync_dir,
     sha256_file,
     sqlite_copy,
@@ -78,9 +79,10 @@ def _sources(files: EdgecoreFiles) -> list[tuple[str, Path, bool]]:
 def make_backup(backup_root: Path, version: str, files: EdgecoreFiles) -> Manifest:
     final = backup_root / version
     partial = backup_root / f"{version}.partial"
+    ensure_dir(backup_root)
     if partial.exists():
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial.mkdir()
     entries = []
     try:
         todo = []
@@ -122,6 +124,10 @@ def make_backup(backup_root: Path, version: str, files: EdgecoreFiles) -> Manife
         raise
     manifest = Manifest(version, time.time(), tuple(sorted(entries, key=lambda e: e.name)))
     _write_manifest(partial / MANIFEST, manifest)
+    # Every file is fsynced (copy_hashed, sqlite_copy, the manifest); now every
+    # directory's entries, the drop-ins' first: a renamed backup is whole.
+    for sub in sorted({(partial / e.name).parent for e in manifest.entries} - {partial}):
+        fsync_dir(sub)
     fsync_dir(partial)
     old = backup_root / f"{version}.old"
     if old.exists():
@@ -199,7 +205,11 @@ def restore_backup(directory: Path, manifest: Manifest) -> bool:
         except OSError:
             same = False
         if same and e.name != NAMES["db"]:
-            continue  # the DB is always rewritten: its -wal may still hold newer pages
+            # Equal, but maybe only in the page cache (keadm wrote it): made durable
+            # as a restored file would be. The DB is always rewritten: its -wal may
+            # still hold newer pages.
+            _sync_in_place(dst)
+            continue
         if e.name not in NAMES.values():
             unit_restored = True
         if e.name == "edgecore.db":
@@ -214,6 +224,15 @@ def restore_backup(directory: Path, manifest: Manifest) -> bool:
             raise BackupError(f"restored {dst} does not match the backup checksum")
         fault_point("restore:partial")
     return unit_restored
+
+
+def _sync_in_place(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def list_backups(backup_root: Path) -> list[Version]:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.adapters.files import fsync_dir
+from agent.adapters.files import atomic_write, ensure_dir
 from agent.transport.base import Inbound, Presence
 
 if TYPE_CHECKING:
@@ -60,7 +59,7 @@ class SpoolTransport:
         self.poll_interval = poll_interval
         self.max_bytes = max_bytes
         spool_dir.mkdir(parents=True, exist_ok=True)
-        outbox_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(outbox_dir)  # reports are durable: so is their directory
 
     async def commands(self) -> AsyncIterator[Inbound]:
         while True:
@@ -86,13 +85,8 @@ class SpoolTransport:
 
     async def publish(self, report: dict[str, Any]) -> None:
         name = f"{report['jobKey'].replace('/', '_')}-{report['sequence']:04d}.json"
-        tmp = self.outbox_dir / f".{name}.tmp"
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(report, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.outbox_dir / name)
-        fsync_dir(self.outbox_dir)
+        # Durable before it returns: the daemon then deletes the journal's copy.
+        atomic_write(self.outbox_dir / name, json.dumps(report, sort_keys=True).encode())
 
 
 def _mtime(path: Path) -> float:
