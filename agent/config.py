@@ -27,7 +27,7 @@ from agent.backends import (
     service_plugin,
     transport_plugin,
 )
-from agent.config_reader import Section, migrate
+from agent.config_reader import Section, check_document, migrate
 from agent.errors import ConfigError, InvalidCommand
 from agent.transport.spool import SpoolSettings
 from agent.versions import NAME_RE, VersionPolicy, parse_image
@@ -186,6 +186,7 @@ class Config:
 
 
 def parse_config(data: Any) -> Config:
+    check_document(data)
     data, deprecations = migrate(data)
     top = Section(data, "")
     node_name = top.get("node_name", str, None)
@@ -429,6 +430,10 @@ def load_config(path: Path, root: Path | None = None) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValueError as exc:  # an integer past Python's 4300-digit limit
+        raise ConfigError(f"{path}: unreadable YAML: {str(exc)[:120]}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"{path}: unreadable YAML: nested too deeply") from None
     config = parse_config(data)
     if root is not None:
         config = config.with_root(root)

@@ -5,9 +5,62 @@ from __future__ import annotations
 
 import copy
 import re
+import reprlib
 from typing import Any
 
 from agent.errors import ConfigError
+
+MAX_DEPTH = 32  # the deepest real setting is four levels down
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def show(value: Any) -> str:
+    """A value quoted for an error, bounded: YAML aliases can make a small file hold
+    a list whose plain repr would be gigabytes ("billion laughs")."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return f"<{type(value).__name__}>"
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else show(value)
+
+
+def check_document(data: Any) -> None:
+    """Refuse what no setting can hold before anything copies or reads the document:
+    nesting past MAX_DEPTH, and NUL or lone surrogates in any key or string (a path
+    with NUL fails only when first used; a surrogate cannot even be logged).
+
+    Iterative, and a node that aliases share or contain is visited once.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ConfigError(f"{where or 'config'}: a NUL character in {show(item)}")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{where or 'config'}: invalid Unicode (a lone surrogate) "
+                                  f"in {show(item)}") from None
+        elif isinstance(item, (dict, list)) and id(item) not in seen:
+            seen.add(id(item))
+            if depth >= MAX_DEPTH:
+                raise ConfigError(f"{where or 'config'}: nested more than {MAX_DEPTH} levels "
+                                  "deep")
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, value in pairs:
+                if isinstance(key, int):
+                    inner = f"{where}[{key}]"
+                else:
+                    name = key if isinstance(key, str) and key.isprintable() else show(key)
+                    inner = f"{where}.{name}" if where else name
+                stack.append((key, inner, depth + 1))
+                stack.append((value, inner, depth + 1))
 
 
 class Section:
@@ -20,7 +73,7 @@ class Section:
             raise ConfigError(f"{where or 'config'}: expected a mapping")
         for key in data:
             if not isinstance(key, str):
-                raise ConfigError(f"{where or 'config'}: key {key!r} is not a string")
+                raise ConfigError(f"{where or 'config'}: key {show(key)} is not a string")
         self.data: dict[str, Any] = data
         self.where = where
         self.used: set[str] = set()
@@ -37,20 +90,21 @@ class Section:
             raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
         if not isinstance(value, kind):
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise ConfigError(f"{self.key(name)}: expected {names}, got {value!r}")
+            raise ConfigError(f"{self.key(name)}: expected {names}, got {show(value)}")
         return value
 
     def integer(self, name: str, default: int, lo: int, hi: int) -> int:
         value = self.get(name, int, default)
         if not lo <= value <= hi:
-            raise ConfigError(f"{self.key(name)}: {value} is outside {lo}..{hi}")
+            raise ConfigError(f"{self.key(name)}: {show(value)} is outside {lo}..{hi}")
         return int(value)
 
     def number(self, name: str, default: float, lo: float, hi: float) -> float:
-        value = float(self.get(name, (int, float), default))
+        value = self.get(name, (int, float), default)
+        # Compared before float(): an int past 1e308 is out of range, not an OverflowError.
         if not lo <= value <= hi:
-            raise ConfigError(f"{self.key(name)}: {value:g} is outside {lo:g}..{hi:g}")
-        return value
+            raise ConfigError(f"{self.key(name)}: {_number(value)} is outside {lo:g}..{hi:g}")
+        return float(value)
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         value = str(self.get(name, str, default))

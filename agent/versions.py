@@ -49,10 +49,12 @@ class Version:
     def _key(self) -> tuple[int, int, int, tuple[tuple[int, int, str], ...]]:
         # Semver precedence: a release sorts after its pre-releases; numeric
         # identifiers compare as numbers (rc.10 > rc.2) and before alphanumeric ones.
+        # The text breaks a tie (rc.01 against rc.1): two versions that are not equal
+        # must not compare as neither less nor greater.
         if self.pre == "~":
             pre: tuple[tuple[int, int, str], ...] = ((2, 0, ""),)
         else:
-            pre = tuple((0, int(p), "") if p.isdigit() else (1, 0, p)
+            pre = tuple((0, int(p), p) if p.isdigit() else (1, 0, p)
                         for p in self.pre.split("."))
         return (self.major, self.minor, self.patch, pre)
 
@@ -83,9 +85,18 @@ def _quote(value: object, limit: int = 80) -> str:
 
 
 def version_from_kubelet(kubelet_version: str) -> Version | None:
-    """``v1.22.17-kubeedge-v1.12.1`` → ``v1.12.1`` (the suffix keadm reads)."""
+    """``v1.22.17-kubeedge-v1.12.1`` → ``v1.12.1`` (the suffix keadm reads).
+
+    None as well when the suffix is no version the agent takes (say ``v99999.0.0``):
+    this is detection, so an odd answer means "not known here", never an error.
+    """
     m = KUBELET_VERSION_RE.fullmatch(kubelet_version.strip())
-    return Version.parse(m[1]) if m else None
+    if m is None:
+        return None
+    try:
+        return Version.parse(m[1])
+    except InvalidCommand:
+        return None
 
 
 def check_name(kind: str, value: str) -> str:

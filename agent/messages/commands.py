@@ -255,14 +255,26 @@ def load_json_object(raw: bytes, limit: int) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidCommand(f"message is not valid UTF-8 (byte {exc.start})") from None
+    data = load_json_text(text)
+    if not isinstance(data, dict):
+        raise InvalidCommand("command must be a JSON object")
+    return data
+
+
+def load_json_text(text: str) -> Any:
+    """JSON text decoded under ``load_json_object``'s rules; any JSON value.
+
+    Also for JSON carried as a string inside a message (beehive content), so
+    that a duplicate key cannot hide there what the message's own rules refuse.
+    """
     try:
         data: Any = json.loads(text, object_pairs_hook=_object, parse_int=_number,
                                parse_float=_number, parse_constant=_constant)
-    except (ValueError, RecursionError) as exc:
-        # RecursionError: a deeply nested document well under the size cap.
+    except ValueError as exc:
         raise InvalidCommand(f"malformed JSON: {str(exc)[:200]}") from None
-    if not isinstance(data, dict):
-        raise InvalidCommand("command must be a JSON object")
+    except RecursionError:
+        # A deeply nested document well under the size cap; no command nests past three.
+        raise InvalidCommand("malformed JSON: nested too deeply") from None
     _unicode_only(data)
     return data
 

@@ -11,7 +11,6 @@ types; every value is then validated by ``build_command``, the one gate to a Com
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 import uuid
@@ -20,7 +19,7 @@ from typing import Any
 
 from agent.config import Config
 from agent.errors import InvalidCommand
-from agent.messages.commands import Command, Operation, build_command
+from agent.messages.commands import Command, Operation, build_command, load_json_text
 from agent.versions import check_name
 
 V1ALPHA2_KIND = "operations.kubeedge.io/v1alpha2/nodeupgradejob"
@@ -97,12 +96,14 @@ def _strings(obj: dict[str, Any], key: str, where: str) -> list[str]:
 
 
 def _content(content: Any) -> dict[str, Any]:
-    # beehive fills an object; a relay may hand it on as JSON text instead.
+    # beehive fills an object; a relay may hand it on as JSON text instead,
+    # decoded as strictly as the message itself.
     if isinstance(content, str):
         try:
-            content = json.loads(content)
-        except (ValueError, RecursionError):
-            raise InvalidCommand("content is a string but not a JSON document") from None
+            content = load_json_text(content)
+        except InvalidCommand as exc:
+            raise InvalidCommand(f"content is a string but not a JSON document: "
+                                 f"{exc.reason}") from None
     if not isinstance(content, dict):
         raise InvalidCommand("content must be an object")
     return content
