@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,11 @@ def load(args: argparse.Namespace, path: Path | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The unit's UMask=0027, also for a run by hand (an operator's umask is often
+    # 022): the journal, job logs and backups (edgecore.db caches the pods'
+    # secrets) are then out of the world's reach. keadm inherits it, as under
+    # systemd. Only adds bits: a stricter umask stays.
+    os.umask(os.umask(0o027) | 0o027)
     args = _parser().parse_args(argv)
     out = Output(args.output)
     try:

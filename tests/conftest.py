@@ -32,6 +32,10 @@ from testkit.standins import (
     stop_edgecore,
 )
 
+# Every captured output and every file the agent wrote is searched for the
+# test passwords at the end of the run (docs/security.md).
+pytest_plugins = ["testkit.secretguard"]
+
 REPO = Path(__file__).resolve().parent.parent
 REPO_IMAGE = "kubeedge/installation-package"
 

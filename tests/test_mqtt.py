@@ -1,4 +1,8 @@
-"""The daemon over MQTT v5 with mutual TLS, against a real Mosquitto with the ACL."""
+"""The daemon over MQTT v5 with mutual TLS, against a real Mosquitto with the ACL.
+
+The trust boundaries (certificates, key strength, the ACL, signed commands) are
+shown in tests/test_security.py, which reuses ``Agent`` and ``online`` from here.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Sandbox, wait_for
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.security.signing import sign
 from testkit.broker import Broker
 from testkit.cloud import Cloud
 from testkit.pki import Pki, issue_client, make_pki
@@ -140,84 +141,6 @@ def test_broker_killed_mid_job_final_report_arrives_once(agent: Agent, cloud: Cl
     wait_for(lambda: sandbox.reports() == [])
     time.sleep(1.5)  # any duplicate would arrive now
     assert len(cloud.finals("outage")) == 1
-
-
-def test_refused_publish_is_loud_and_the_report_is_kept(sandbox: Sandbox, broker: Broker,
-                                                        pki: Pki) -> None:
-    """node-1's certificate cannot publish node-2's status: PUBACK 135, nothing lost."""
-    cert, key = pki.client("node-1")
-    sandbox.configure(node_name="node-2", transport={"kind": "mqtt", "mqtt": {
-        "host": "127.0.0.1", "port": broker.port, "ca_file": str(pki.ca_cert),
-        "cert_file": str(cert), "key_file": str(key), "reconnect_min_seconds": 0.2}})
-    sandbox.cli("upgrade", "--to-version", "v1.12.1", "--yes")  # a skip: one final report
-    queued = len(sandbox.reports())
-    a = Agent(sandbox)
-    a.start()
-    try:
-        wait_for(lambda: "broker refused a publish" in a.log_text())
-        assert "reason_code" in a.log_text() and "135" in a.log_text()
-        assert len(sandbox.reports()) == queued
-    finally:
-        a.stop(signal.SIGKILL)
-
-
-def test_weak_client_key_is_refused_at_config_validation(sandbox: Sandbox, pki: Pki,
-                                                         tmp_path: Path) -> None:
-    cert, key = issue_client(pki, "node-1", key="rsa1024", directory=tmp_path / "weak")
-    sandbox.configure(transport={"kind": "mqtt", "mqtt": {
-        "ca_file": str(pki.ca_cert), "cert_file": str(cert), "key_file": str(key)}})
-    proc = sandbox.cli("config", "validate")
-    assert proc.returncode == 2
-    assert "RSA key of 1024 bits is too weak" in proc.stderr
-
-
-def _keys(tmp_path: Path) -> tuple[Ed25519PrivateKey, Path]:
-    priv = Ed25519PrivateKey.generate()
-    keys = tmp_path / "trusted"
-    keys.mkdir()
-    (keys / "ops-1.pub").write_bytes(priv.public_key().public_bytes(
-        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
-    return priv, keys
-
-
-def test_signed_commands_forged_expired_replayed(sandbox: Sandbox, broker: Broker, pki: Pki,
-                                                 cloud: Cloud, tmp_path: Path) -> None:
-    priv, keys = _keys(tmp_path)
-    sandbox.configure(security={"require_signed_commands": True,
-                                "trusted_keys_dir": str(keys)})
-    cert, key = pki.client("node-1")
-    sandbox.configure(transport={"kind": "mqtt", "mqtt": {
-        "host": "127.0.0.1", "port": broker.port, "ca_file": str(pki.ca_cert),
-        "cert_file": str(cert), "key_file": str(key), "reconnect_min_seconds": 0.2}})
-    a = Agent(sandbox)
-    a.start()
-    try:
-        wait_for(lambda: online(cloud))
-        cloud.send({"jobName": "unsigned", "version": "v1.13.0"})
-        forged = sign({"jobName": "forged", "version": "v1.13.0"}, priv, "ops-1")
-        forged["signed"]["version"] = "v1.13.0"
-        forged["signed"]["jobName"] = "forged"
-        other = sign({"jobName": "forged", "version": "v1.13.0"}, Ed25519PrivateKey.generate(),
-                     "ops-1")
-        cloud.send(other)
-        expired = sign({"jobName": "expired", "version": "v1.13.0"}, priv, "ops-1",
-                       now=time.time() - 7200, ttl_seconds=60)
-        cloud.send(expired)
-        good = sign({"jobName": "signed-ok", "version": "v1.13.0"}, priv, "ops-1")
-        cloud.send(good)
-        expect = {"unsigned": "unsigned command", "forged": "bad signature",
-                  "expired": "command expired"}
-        for job, needle in expect.items():
-            wait_for(lambda job=job: cloud.rejections(job))
-            assert needle in cloud.rejections(job)[0]["reason"], cloud.rejections(job)
-        wait_for(lambda: cloud.finals("signed-ok"), timeout=60)
-        assert cloud.finals("signed-ok")[0]["result"] == "upgrade_success"
-        cloud.send(good)  # the same signed bytes again, after the job ran
-        wait_for(lambda: cloud.rejections("signed-ok"))
-        assert "replayed command" in cloud.rejections("signed-ok")[0]["reason"]
-        assert len(cloud.finals("signed-ok")) == 1
-    finally:
-        a.stop(signal.SIGKILL)
 
 
 def test_burst_of_malformed_messages(agent: Agent, cloud: Cloud) -> None:

@@ -1,4 +1,8 @@
-"""Signed commands: the wire format, every rejection reason, key files and the CLI."""
+"""Signed commands: the wire format, malformed envelopes, key files and the CLI.
+
+The rejections that make the trust boundary (tampered, wrong or unknown key,
+expired, unsigned, replayed) are in tests/test_security.py.
+"""
 
 from __future__ import annotations
 
@@ -70,54 +74,6 @@ def test_random_command_ids_are_distinct_and_valid() -> None:
     assert len(ids) == 20
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("jobName", "job-2"),
-        ("version", "v1.14.0"),
-        ("commandId", "x" * 22),
-        ("expiresAt", NOW + 7200),
-        ("issuedAt", NOW - 1),
-        ("extra", True),
-    ],
-)
-def test_tampering_breaks_the_signature(field: str, value: Any) -> None:
-    data = signed_command()
-    data["signed"][field] = value
-    rejected(data, "bad signature (key id 'ops-1')", now=NOW)
-
-
-def test_removing_a_field_breaks_the_signature() -> None:
-    data = signed_command()
-    del data["signed"]["version"]
-    rejected(data, "bad signature (key id 'ops-1')", now=NOW)
-
-
-def test_wrong_key_under_the_same_id() -> None:
-    rejected(resign(signed_command(), OTHER), "bad signature (key id 'ops-1')", now=NOW)
-    forged = sign(COMMAND, OTHER, "ops-1", now=NOW)
-    rejected(forged, "bad signature (key id 'ops-1')", now=NOW)
-
-
-def test_unknown_key_id() -> None:
-    rejected(sign(COMMAND, KEY, "ops-2", now=NOW), "unknown signing key id 'ops-2'", now=NOW)
-
-
-def test_expiry_and_issue_time() -> None:
-    data = signed_command(ttl_seconds=60)
-    verify(data, KEYS, now=NOW + 59)
-    rejected(data, "command expired at 2023-11-14T22:14:20Z", now=NOW + 60)
-    verify(data, KEYS, now=NOW - 300)  # within the clock skew allowance
-    rejected(data, "command issued in the future (2023-11-14T22:13:20Z)", now=NOW - 301)
-    verify(data, KEYS, now=NOW - 10, max_skew_seconds=10)
-    rejected(
-        data,
-        "command issued in the future (2023-11-14T22:13:20Z)",
-        now=NOW - 11,
-        max_skew_seconds=10,
-    )
-
-
 def test_lifetime_cap() -> None:
     verify(signed_command(ttl_seconds=7 * 86400), KEYS, now=NOW)
     rejected(signed_command(ttl_seconds=7 * 86400 + 1), "command lifetime exceeds 604800s", now=NOW)
@@ -187,12 +143,6 @@ def test_non_canonical_content_is_malformed() -> None:
     data = signed_command()
     data["signed"]["x"] = float("nan")  # json.loads accepts NaN, canonical JSON does not
     rejected(data, "malformed signature", now=NOW)
-
-
-@pytest.mark.parametrize("data", [COMMAND, {}, {"signed": {}}, {"signature": "x"}, [], "x"])
-def test_unsigned(data: Any) -> None:
-    assert not is_signed(data)
-    rejected(data, "unsigned command (signatures are required)")
 
 
 def test_canonical_json() -> None:
