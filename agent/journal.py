@@ -3,7 +3,11 @@
 Every state change is one transaction that also queues its report, and it is
 committed *before* the side effect it announces, so a crash at any point
 leaves a journal that says what may have happened. ``synchronous=FULL``
-because a lost state change after power loss could mean a lost rollback.
+because a lost state change after power loss could mean a lost rollback: in
+WAL mode FULL syncs the WAL at every commit, where NORMAL syncs it only at a
+checkpoint, so the last commits could vanish while their side effects (keadm
+run, files restored, a report sent) did not. SQLite fsyncs the directory itself
+when it creates the WAL. tests/test_durability.py checks both settings.
 The calls are synchronous: each is a local, sub-millisecond-to-fsync write,
 cheaper than a thread hop. The runner writes states; intake writes new jobs and
 answers (a refused cancel, a rejection), each in one transaction of its own.
@@ -200,6 +204,21 @@ class Journal:
             job = replace(_row_to_job(row), seq=int(row["seq"]) + 1)
             db.execute("UPDATE jobs SET seq=? WHERE key=?", (job.seq, key))
             self._queue(db, job, report(job), job.terminal)
+        return job
+
+    def repeat(self, key: str, report: ReportFn) -> Job:
+        """Queue ``key``'s latest report again under its own sequence: a repeated
+        answer (to a duplicate command), not news, so a receiver that dedupes by
+        ``(jobKey, sequence)`` sees it once. A copy still queued is enough."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
+            if row is None:
+                raise JournalError(f"no job {key!r} in the journal")
+            job = _row_to_job(row)
+            db.execute(
+                "INSERT OR IGNORE INTO outbox(job_key, seq, final, payload, created_at) "
+                "VALUES(?,?,?,?,?)", (job.key, job.seq, int(job.terminal),
+                                      json.dumps(report(job), sort_keys=True), time.time()))
         return job
 
     def mark_seen(self, command_id: str, job_key: str, expires_at: float) -> str | None:

@@ -216,9 +216,10 @@ class Runner:
                 for job in reversed(self.node.journal.jobs(active_only=True, limit=10000))]
 
     def resend_final(self, job: Job) -> Job:
-        """Queue the final report of a finished job again (a duplicate command asked)."""
+        """Queue the final report of a finished job again, same sequence (a duplicate
+        command asked, or the broker redelivered one)."""
         tail = self._tail(job)
-        return self.node.journal.event(job.key, lambda j: build_report(j, log_tail=tail))
+        return self.node.journal.repeat(job.key, lambda j: build_report(j, log_tail=tail))
 
     def resume(self, job: Job, why: str) -> Job:
         """Re-enter ``job`` after an interruption, per the recovery table."""

@@ -1,4 +1,12 @@
-"""sd_notify(3) in a few lines: systemd advises reimplementing it, not linking libsystemd."""
+"""sd_notify(3) in a few lines: systemd advises reimplementing it, not linking libsystemd.
+
+Never blocks for long: a datagram to a receiver whose queue is full (a busy or
+hung manager) would otherwise wait in sendto, on the event loop, and freeze
+the whole agent (the fault matrix found it: a STATUS= per reconnect attempt
+during a broker outage filled a queue nobody read). The send is non-blocking:
+a notification that finds the queue full is dropped, and the next STATUS= or
+WATCHDOG= supersedes it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ def sd_notify(state: str) -> bool:
         addr = "\0" + addr[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.setblocking(False)  # EAGAIN on a full queue: an OSError, so dropped
             s.connect(addr)
             s.sendall(state.encode())
     except OSError:

@@ -90,11 +90,14 @@ def test_command_file_runs_to_a_final_report(daemon: Daemon, sandbox: Sandbox) -
     assert sandbox.running_version() == "v1.13.0"
     assert not list(daemon.spool.glob("*.json"))
     wait_for(lambda: sandbox.reports() == [])  # outbox drained after delivery
-    # A duplicate of a finished job re-sends its final report and runs nothing.
+    # A duplicate of a finished job re-sends its final report, the same report
+    # (same sequence, so the same spool file), and runs nothing.
+    for path in daemon.reports_dir.glob("job-1-*.json"):
+        path.unlink()
     daemon.send("c2", {"jobName": "job-1", "version": "v1.13.0"})
-    wait_for(lambda: len(daemon.final("job-1")) == 2)
-    again = daemon.final("job-1")[1]
-    assert again["sequence"] > final["sequence"] and again["result"] == final["result"]
+    wait_for(lambda: len(daemon.final("job-1")) == 1)
+    (again,) = daemon.final("job-1")
+    assert again["sequence"] == final["sequence"] and again["result"] == final["result"]
     assert daemon.stop() == 0
 
 
@@ -212,3 +215,23 @@ def test_resolve_over_the_transport(daemon: Daemon) -> None:
     (final,) = daemon.final("res")
     assert final["result"] == "resolve_failed" and "nothing to resolve" in final["reason"]
     assert "resolve needs the key" in daemon.rejections("res-bad")[0]["reason"]
+
+
+def test_sd_notify_never_hangs_on_a_full_queue(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manager that reads nothing: notifications are dropped, the caller goes on."""
+    import threading
+
+    from agent.systemd_notify import sd_notify
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(path))  # and never reads
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        sent: list[bool] = []
+        worker = threading.Thread(target=lambda: sent.extend(
+            sd_notify(f"STATUS=reconnecting {i}") for i in range(200)), daemon=True)
+        worker.start()
+        worker.join(60)  # bounds a hang; no timing is asserted
+        assert not worker.is_alive(), "sd_notify blocked on a full queue"
+    assert sent[0] and not sent[-1]  # the first went, the overflow was dropped
