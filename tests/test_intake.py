@@ -257,6 +257,7 @@ def test_strict_json(node: Node, raw: bytes, reason: str) -> None:
 async def test_the_version_policy_is_decided_before_the_image_is_looked_up(
         tmp_path: Path) -> None:
     """A downgrade is refused as a downgrade, not as 'image not found'."""
+    from agent.errors import InvalidCommand
     from agent.messages.commands import Operation, build_command
     from testkit.fakes import FakeImages, FakeService
 
@@ -272,3 +273,23 @@ async def test_the_version_policy_is_decided_before_the_image_is_looked_up(
         assert "image" not in job.reason
     finally:
         node.close()
+
+
+def test_commands_that_pull_nothing_are_not_held_to_the_image_allow_list(
+        node: Node) -> None:
+    """Found by the fault matrix: on a node that allows only its private registry,
+    a confirm (no image in it) was rejected for the default repo on docker.io."""
+    from dataclasses import replace as copy
+
+    from agent.errors import InvalidCommand
+    from agent.messages.commands import Operation, build_command
+
+    config = copy(node.config, images=copy(node.config.images,
+                                           allowed_registries=("registry.example:5000",)))
+    for op in (Operation.CONFIRM, Operation.CANCEL, Operation.ROLLBACK):
+        assert build_command(config, operation=op, job_name="j").operation == op
+    with pytest.raises(InvalidCommand, match="not allowed"):
+        build_command(config, operation=Operation.UPGRADE, job_name="j", version=TARGET)
+    with pytest.raises(InvalidCommand, match="not allowed"):  # named, so checked
+        build_command(config, operation=Operation.CANCEL, job_name="j",
+                      image="docker.io/kubeedge/installation-package")

@@ -135,7 +135,11 @@ def build_command(
         image_digest = ref.digest
     # Like KubeEdge, the tag always follows the version: the repo is what counts.
     ref = ImageRef(ref.repo)
-    if not config.images.allows(ref.registry, ref.repo):
+    # Only where an image is pulled, or named: a confirm, cancel, resolve or
+    # rollback carries none, and the default repo need not be allowed on a node
+    # that names its private registry in every upgrade.
+    pulls = operation in (Operation.UPGRADE, Operation.CHECK, Operation.PREPULL)
+    if (pulls or image) and not config.images.allows(ref.registry, ref.repo):
         raise InvalidCommand(
             f"image registry or repository not allowed: {ref.repo} (registry {ref.registry}; "
             "see images.allowed_registries and images.allowed_repositories)")
