@@ -28,6 +28,7 @@ class Cloud:
         self.client.on_connect = self._on_connect
         self.client.reconnect_delay_set(1, 2)
         self.connected = threading.Event()
+        self.client.on_disconnect = lambda *_: self.connected.clear()
         # A persistent session, so reports sent while we reconnect are queued for us.
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
@@ -47,6 +48,8 @@ class Cloud:
 
     def send(self, payload: bytes | dict[str, Any], node: str = "node-1") -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        # After a broker restart, paho refuses to publish until it has reconnected.
+        assert self.connected.wait(30), "the cloud client is not connected"
         info = self.client.publish(f"kubeedge/nodes/{node}/upgrade/cmd", data, qos=1)
         info.wait_for_publish(10)
 
