@@ -23,6 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
+from testkit.broker import Broker
+from testkit.cloud import Cloud
+from testkit.pki import Pki, make_pki
 from testkit.standins import (
     edgecore_pid,
     make_image_dir,
@@ -164,6 +167,29 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     yield box
     stop_edgecore(root)
     kill_processes_under(root)
+
+
+# The MQTT tests' cloud side: a fresh CA, a Mosquitto with mutual TLS and the
+# production ACL, and the controller's client (module-scoped copies live in
+# tests/faults, where one broker serves many cells).
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def broker(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(pki, tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def cloud(broker: Broker) -> Iterator[Cloud]:
+    c = Cloud(broker)
+    yield c
+    c.close()
 
 
 def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.05) -> None:

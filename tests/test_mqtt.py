@@ -18,29 +18,9 @@ from conftest import REPO, Sandbox, wait_for
 
 from testkit.broker import Broker
 from testkit.cloud import Cloud
-from testkit.pki import Pki, issue_client, make_pki
+from testkit.pki import Pki, issue_client
 
 PREFIX = "kubeedge/nodes/{node}/upgrade"
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def broker(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(pki, tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def cloud(broker: Broker) -> Iterator[Cloud]:
-    c = Cloud(broker)
-    yield c
-    c.close()
 
 
 class Agent:

@@ -35,7 +35,7 @@ from testkit import secretguard
 from testkit.broker import Broker
 from testkit.cloud import Cloud
 from testkit.fakes import fake_node
-from testkit.pki import KeyKind, Pki, UnsupportedKey, issue_client, make_other_ca, make_pki
+from testkit.pki import KeyKind, Pki, UnsupportedKey, issue_client, make_other_ca
 
 pytest_plugins = ["pytester"]
 
@@ -45,26 +45,6 @@ OTHER = Ed25519PrivateKey.generate()
 KEYS = {"ops-1": KEY.public_key()}
 COMMAND: dict[str, Any] = {"operation": "upgrade", "jobName": "job-1", "version": "v1.13.0"}
 NOT_ALLOWED = "evil.example.com:5000/kubeedge/installation-package"
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def broker(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(pki, tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def cloud(broker: Broker) -> Iterator[Cloud]:
-    c = Cloud(broker)
-    yield c
-    c.close()
 
 
 def use_mqtt(box: Sandbox, broker: Broker, cert: Path, key: Path, ca: Path, **extra: Any) -> None:
