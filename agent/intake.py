@@ -183,7 +183,9 @@ class Intake:
         """
         name = peek_job_name(msg.payload)
         self.rejected_total += 1
-        log.warning("command rejected", source=msg.source, reason=reason, job=name)
+        # Not job=: that key opens a per-job log file, and a flood of bad commands
+        # with made-up names (rate-limited or not) would leave a file for each.
+        log.warning("command rejected", source=msg.source, reason=reason, job_name=name)
         key = f"rejected:{name or 'unnamed'}:{hashlib.sha256(msg.payload).hexdigest()[:12]}"
         now = time.monotonic()
         existing = self.journal.get(key)

@@ -168,6 +168,8 @@ def test_every_hostile_message_is_rejected_clearly_and_the_daemon_serves_on(
         assert not list(daemon.spool.glob("*.json")), "every message was acked"
         assert changed(before, tree(tmp_path, skip=sandbox.state_dir)) == set(), \
             "rejecting wrote outside the state dir"
+        # Nor a job log per made-up name (a flood would leave a file for each).
+        assert not list((sandbox.state_dir / "logs").glob("*.jsonl"))
 
         daemon.send("valid", {"jobName": "after-the-corpus", "version": "v1.13.0"})
         wait_for(lambda: daemon.final("after-the-corpus"), timeout=60)

@@ -43,6 +43,16 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("agent.mqtt")
 PUBACK_TIMEOUT_SECONDS = 30.0
+# Commands the broker may send us before we ack one (MQTT v5 Receive Maximum).
+# Left out, it is 65535, and mosquitto's max_inflight_messages does not bound a
+# v5 client: a burst went whole into aiomqtt's unbounded queue (10,000 commands:
+# RSS 34 -> 113 MiB, never returned; bench/load.py). One, not a window: mosquitto
+# 2.0.11 (Debian 12) sends N more messages after every PUBACK to a window of N
+# (measured; eclipse-mosquitto/mosquitto#2301), so any N > 1 is unbounded there.
+# Commands are taken one at a time anyway; the cost is one round trip to the
+# broker per command (on loopback, 3-7 % of burst throughput). The backlog stays
+# at the broker, on its disk and under its max_queued_messages.
+RECEIVE_MAXIMUM = 1
 
 
 class DeliveryRefused(AgentError):
@@ -189,6 +199,7 @@ class MqttTransport:
     def _new_client(self, ctx: ssl.SSLContext, will: aiomqtt.Will) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.mqtt.session_expiry_seconds
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
         client = aiomqtt.Client(
             self.mqtt.host, self.mqtt.port, identifier=self.node,
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,

@@ -271,10 +271,13 @@ def _run(config_path: str) -> int:
         _klog("E", "core.go:88", f"unknown stand-in behaviour {_BEHAVIOUR!r}")
         return 2
 
-    stop = threading.Event()
+    # A plain flag, never Event.set() in the handler: the handler runs in the main
+    # thread, which may hold the Event's lock inside Event.wait() when the signal
+    # lands; set() then waits for that lock forever (2 SIGTERMs in 1,500 hung).
+    stopping: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        stopping.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -284,10 +287,9 @@ def _run(config_path: str) -> int:
         _klog("E", "server.go:60", f"failed to start metaserver: {exc}")
         return 1
     _log("stand-in edgecore started, all modules running")
-    # Timed waits: the signal handler runs between them even if wait() is not
-    # interrupted on this platform.
-    while not stop.wait(0.1):
-        pass
+    # Timed sleeps: the handler runs when one is interrupted, the flag is seen next.
+    while not stopping:
+        time.sleep(0.1)
     if server is not None:
         server.shutdown()
         server.server_close()
