@@ -19,22 +19,27 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent import __version__, metrics
-from agent.config import DEFAULT_CONFIG, Config, check_daemon_files, load_config
-from agent.daemon import run_daemon
-from agent.doctor import run as run_doctor
-from agent.errors import AgentError
-from agent.execute import execute, recover_all, rehearse
-from agent.logs import setup_logging, show_job_log
-from agent.messages.commands import Command, Operation, build_command, new_job_name
-from agent.model import Job
-from agent.node import Node, build_node
-from agent.plan import GO, SKIP, make_plan
-from agent.runner import Runner
-from agent.states import Note, State
-from agent.steps.backup import list_backups
+from agent import lean
+
+# First, before the imports below load any of them (structlog imports uuid, for
+# one): the idle daemon never uses the modules lean.DEFERRED names (issue 10).
+lean.defer_imports()
+
+from agent import __version__, metrics  # noqa: E402
+from agent.config import DEFAULT_CONFIG, Config, check_daemon_files, load_config  # noqa: E402
+from agent.errors import AgentError  # noqa: E402
+from agent.logs import setup_logging, show_job_log  # noqa: E402
+from agent.messages.commands import Command, Operation, build_command, new_job_name  # noqa: E402
+from agent.model import Job  # noqa: E402
+from agent.states import Note, State  # noqa: E402
+
+if TYPE_CHECKING:
+    from agent.node import Node
+
+# The rest (node, runner, steps, doctor, daemon) is imported by the command that
+# needs it: `run` then holds no code that only the other commands use.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ROLLBACK_FAILED, EXIT_BUSY, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
 
@@ -172,6 +177,8 @@ async def _upgrade(node: Node, args: argparse.Namespace, out: Output) -> int:
         dry_run=args.dry_run,
     )
     if args.dry_run:
+        from agent.execute import rehearse  # noqa: PLC0415 (see the imports)
+
         job, plan = await rehearse(node, cmd)
         lines = [f"Plan for {plan.from_version} -> {plan.to_version}"]
         lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in plan.checks]
@@ -188,6 +195,9 @@ async def _upgrade(node: Node, args: argparse.Namespace, out: Output) -> int:
 
 
 async def _run_job(node: Node, cmd: Command, out: Output) -> int:
+    from agent.execute import execute  # noqa: PLC0415 (see the imports)
+    from agent.runner import Runner  # noqa: PLC0415
+
     job = await execute(node, Runner(node), cmd)
     out.emit({"job": job_dict(job)}, f"{job.state.value}: {job.reason}")
     return job_exit_code(job)
@@ -214,6 +224,8 @@ async def _resolve(node: Node, args: argparse.Namespace, out: Output) -> int:
 
 
 async def _check(node: Node, args: argparse.Namespace, out: Output) -> int:
+    from agent.plan import GO, SKIP, make_plan  # noqa: PLC0415 (see the imports)
+
     version = args.to_version
     if version is None:
         detected = await node.probe.detect()
@@ -230,6 +242,8 @@ async def _check(node: Node, args: argparse.Namespace, out: Output) -> int:
 
 
 async def _confirm_job(node: Node, key: str, out: Output) -> int:
+    from agent.runner import Runner  # noqa: PLC0415 (see the imports)
+
     runner = Runner(node)
     with node.lock:
         job = node.journal.get(key)
@@ -241,6 +255,9 @@ async def _confirm_job(node: Node, key: str, out: Output) -> int:
 
 
 async def _recover(node: Node, out: Output) -> int:
+    from agent.execute import recover_all  # noqa: PLC0415 (see the imports)
+    from agent.runner import Runner  # noqa: PLC0415
+
     jobs = await recover_all(node, Runner(node))
     text = "\n".join(f"{j.key}: {j.state.value}: {j.reason}" for j in jobs)
     out.emit({"jobs": [job_dict(j) for j in jobs]}, text or "nothing to recover")
@@ -248,6 +265,8 @@ async def _recover(node: Node, out: Output) -> int:
 
 
 async def _status(node: Node, out: Output) -> int:
+    from agent.steps.backup import list_backups  # noqa: PLC0415 (see the imports)
+
     detected = await node.probe.detect()
     svc = await node.service.status()
     active = node.journal.jobs(active_only=True)
@@ -307,8 +326,12 @@ def main(argv: list[str] | None = None) -> int:
             show_job_log(config.state_dir / "logs", args.job_key, follow=args.follow)
             return EXIT_OK
         if args.cmd == "run":
+            from agent.daemon import run_daemon  # noqa: PLC0415 (see the imports)
+
             check_daemon_files(config)
             return asyncio.run(run_daemon(config))
+        from agent.node import build_node  # noqa: PLC0415
+
         node = build_node(config)
         if args.cmd in JOB_COMMANDS:
             metrics.enable(config, node, serve=False)
@@ -328,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "recover":
                 return asyncio.run(_recover(node, out))
             if args.cmd == "doctor":
+                from agent.doctor import run as run_doctor  # noqa: PLC0415
+
                 data, text, code = asyncio.run(
                     run_doctor(node, timeout=args.timeout, to_version=args.to_version))
                 out.emit(data, text)

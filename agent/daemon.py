@@ -14,17 +14,16 @@ from typing import Any
 
 import structlog
 
-from agent import __version__, metrics
+from agent import __version__, lean, metrics
 from agent.backends import transport_plugin
 from agent.config import Config
 from agent.errors import AgentError, Busy, JournalError
-from agent.execute import rehearse
 from agent.intake import Intake, Parser
 from agent.messages.commands import Command
 from agent.node import Node, build_node
 from agent.runner import Runner
 from agent.systemd_notify import sd_notify, watchdog_interval
-from agent.transport.base import Transport
+from agent.transport.base import Inbound, Transport
 
 log = structlog.get_logger("agent.daemon")
 BUSY_RETRY_SECONDS = 2.0
@@ -53,22 +52,31 @@ class Daemon:
 
     async def take_commands(self) -> None:
         async for msg in self.link.commands():
-            try:
-                rehearsal = self.intake.accept(msg)
-                if rehearsal is not None:
-                    await self._rehearse(rehearsal)
-            except JournalError as exc:
-                # Not journalled, so not acked: the transport delivers it again.
-                log.error("journal write failed; command kept for retry", error=exc.reason)
+            # Retried here, not left to the transport: a broker redelivers an unacked
+            # command only after a reconnect, and with a receive window of one
+            # (transport/mqtt.py) it sends nothing else until then.
+            while True:
+                if await self._take(msg):
+                    break
                 await asyncio.sleep(BUSY_RETRY_SECONDS)
-                continue
-            except Exception as exc:
-                # A bug must not stop intake or make one message a poison pill.
-                log.exception("unexpected error handling a command", source=msg.source)
-                self.intake.reject(msg, f"internal error: {type(exc).__name__}")
             # The command is journalled (or its rejection is), so it may leave the transport.
             await msg.ack()
             self.reports_pending.set()
+
+    async def _take(self, msg: Inbound) -> bool:
+        """Hand one message to intake; False if the journal could not take it."""
+        try:
+            rehearsal = self.intake.accept(msg)
+            if rehearsal is not None:
+                await self._rehearse(rehearsal)
+        except JournalError as exc:
+            log.error("journal write failed; command kept for retry", error=exc.reason)
+            return False
+        except Exception as exc:
+            # A bug must not stop intake or make one message a poison pill.
+            log.exception("unexpected error handling a command", source=msg.source)
+            self.intake.reject(msg, f"internal error: {type(exc).__name__}")
+        return True
 
     async def _rehearse(self, cmd: Command) -> None:
         existing = self.node.journal.get(cmd.key)
@@ -76,6 +84,10 @@ class Daemon:
             if existing.terminal:
                 self.runner.resend_final(existing)
             return
+        # Imported here: the plan pulls in every precheck, the doctor and tenacity,
+        # ~0.9 MiB an idle daemon need not hold (issue 10).
+        from agent.execute import rehearse  # noqa: PLC0415
+
         await rehearse(self.node, cmd)
 
     # -- jobs ---------------------------------------------------------------
@@ -197,6 +209,7 @@ async def run_daemon(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     sd_notify("READY=1\nSTATUS=ready")
+    lean.release_memory()  # start-up's freed heap back to the kernel (agent/lean.py)
     for note in config.deprecations:
         log.warning("deprecated config key", note=note)
     log.info("agent ready", version=__version__, node=config.node_name,

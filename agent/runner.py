@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from agent import metrics, operations
+from agent import lean, metrics
 from agent.errors import (
     AgentError,
     Busy,
@@ -35,23 +35,11 @@ from agent.messages.commands import Command, Operation
 from agent.messages.reports import build_report
 from agent.model import ActionStatus, Job, utc_now
 from agent.node import RECORD_KEY, Node
-from agent.operations import with_version
 from agent.states import NODE_TOUCHED, Action, Note, State
-from agent.steps.backup import make_backup, prune_backups
-from agent.steps.image import stage_image
-from agent.steps.install import (
-    check_result,
-    installer_argv,
-    kill_installers,
-    log_tail,
-    run_installer,
-    take_keadm_report,
-)
-from agent.steps.precheck import assess, unresolved_failure
-from agent.steps.rollback import roll_back
-from agent.steps.unit import guard_unit, keep_operator_unit
-from agent.steps.verify import ensure_new_running, health_gate
 from agent.versions import Version
+
+# The steps (agent/steps/*, agent/operations.py) are imported by the handlers that
+# run them: an idle daemon holds none of their code (issue 10, agent/lean.py).
 
 log = structlog.get_logger("agent.runner")
 Handler = Callable[[Job], Awaitable[Job]]
@@ -116,6 +104,7 @@ class Runner:
         return job
 
     def _tail(self, job: Job) -> str | None:
+        from agent.steps.install import log_tail  # noqa: PLC0415 (see the imports)
         path = job.note(Note.LOG)
         return log_tail(Path(path)) if path and job.state != State.SUCCEEDED else None
 
@@ -154,6 +143,7 @@ class Runner:
                 with metrics.timed(job.state.value):  # the phase histogram
                     job = await self._step(job)
         self._cancel_requested(job.key)  # a late cancel of a finished job: forget it
+        lean.release_memory()  # what the job freed, back to the kernel
         return job
 
     async def _step(self, job: Job) -> Job:
@@ -164,10 +154,9 @@ class Runner:
             # Anything else is a bug: it escapes to the daemon, which treats it as a crash.
             reason = exc.reason if isinstance(exc, AgentError) else str(exc)
             job = exc.job if isinstance(exc, _Refused) else job
-            path = job.note(Note.LOG)
             return self.fail(job, f"{step.label}: {reason}" if step.label else reason,
                              check=step.action, refusal=_refusal(exc),
-                             log_tail=log_tail(Path(path)) if step.log_tail and path else None)
+                             log_tail=self._tail(job) if step.log_tail else None)
 
     def request_cancel(self, key: str) -> None:
         """Cancel the running job at its next step boundary; survives a restart."""
@@ -235,6 +224,8 @@ class Runner:
     # -- handlers -----------------------------------------------------------
 
     async def _check(self, job: Job) -> Job:
+        from agent import operations  # noqa: PLC0415 (see the imports)
+        from agent.steps.precheck import assess, unresolved_failure  # noqa: PLC0415
         cmd = job.command
         if cmd.operation == Operation.PREPULL:
             return await operations.prepull(self, job)
@@ -256,7 +247,7 @@ class Runner:
         if (blocked := unresolved_failure(self.node)) is not None:
             raise PrecheckFailed(blocked)
         found = await assess(self.node, cmd, lock_held=True)
-        job = with_version(job, found.detected)
+        job = operations.with_version(job, found.detected)
         if found.report is None:
             return self.advance(job, State.SKIPPED, f"already at {cmd.target}",
                                 action=(Action.CHECK, True))
@@ -270,6 +261,7 @@ class Runner:
         cmd = job.command
         if cmd.require_confirmation and job.note(Note.CONFIRMED) != "yes":
             return self.advance(job, State.AWAITING_CONFIRMATION, "waiting for confirmation")
+        from agent.steps.image import stage_image  # noqa: PLC0415 (see the imports)
         staged = await stage_image(self.node, cmd, lambda msg: self.progress(job, msg))
         staged_why = "image staged" + (" (already staged from this digest: not extracted again)"
                                        if staged.reused else "")
@@ -303,6 +295,7 @@ class Runner:
                             entered=False)
 
     async def _back_up(self, job: Job) -> Job:
+        from agent.steps.backup import make_backup, prune_backups  # noqa: PLC0415
         assert job.from_version is not None
         started = time.monotonic()
         # In a thread: a multi-gigabyte database must not stall the loop and the watchdog.
@@ -327,11 +320,15 @@ class Runner:
                                    Note.INSTALL_STARTED: f"{time.time():.3f}"})
 
     def _install_argv(self, job: Job) -> list[str]:
+        from agent.steps.install import installer_argv  # noqa: PLC0415 (see the imports)
         assert job.from_version is not None
         return installer_argv(self.node, job.command, Path(job.note(Note.KEADM) or ""),
                               Version.parse(job.from_version))
 
     async def _install(self, job: Job) -> Job:
+        from agent.steps.install import check_result, run_installer, take_keadm_report  # noqa: PLC0415
+        from agent.steps.unit import guard_unit, keep_operator_unit  # noqa: PLC0415
+        from agent.steps.verify import ensure_new_running  # noqa: PLC0415
         argv = self._install_argv(job)
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "EDGE_UPGRADE_ROOT": str(self.node.config.paths.root), "LANG": "C.UTF-8"}
@@ -349,12 +346,15 @@ class Runner:
         return self.advance(job, State.VERIFYING, why, notes={Note.UNIT: unit} if unit else None)
 
     async def _verify(self, job: Job) -> Job:
+        from agent.steps.verify import health_gate  # noqa: PLC0415 (see the imports)
         detail = await health_gate(self.node, job.command.target, job.note(Note.EDGECORE_SHA256))
         self.node.journal.set_meta(RECORD_KEY, str(job.command.target))
         shutil.rmtree(self.node.staging_dir(str(job.command.target)), ignore_errors=True)
         return self.advance(job, State.SUCCEEDED, detail, action=(Action.UPGRADE, True))
 
     async def _roll_back(self, job: Job) -> Job:
+        from agent.steps.install import kill_installers  # noqa: PLC0415 (see the imports)
+        from agent.steps.rollback import roll_back  # noqa: PLC0415
         for program in {job.note(Note.KEADM), job.note(Note.INSTALLER)} - {None}:
             if await asyncio.to_thread(kill_installers, Path(str(program))):
                 log.warning("killed a leftover installer", job=job.key, program=program)
@@ -382,7 +382,6 @@ class Runner:
             return
         if started is not None and mtime >= float(started) - 1 and not keadm_pids():
             self.node.keadm_marker.unlink(missing_ok=True)
-
 
 
 class _Refused(PrecheckFailed):

@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python bench/idle_rss.py [--idle-seconds 10] [--ready-rounds 5] [--compare DIR] [--json]
+                             [--no-unit-env] [--daemon-env KEY=VALUE ...]
 
 Everything runs on loopback in a temporary directory under ``--dir`` (default
 ``/var/tmp``): a throw-away PKI (``testkit/pki.py``), a real Mosquitto 2.0 with
@@ -10,7 +11,10 @@ mutual TLS and the production ACL (``testkit/broker.py``), and for each daemon
 a fresh sandboxed node with the stand-in edgecore v1.12.1 running and a
 v1.13.0 package (``testkit/standins``). The daemon is ``python -m agent
 --config <cfg> run`` with ``transport.kind: mqtt`` (production MQTT defaults
-otherwise), ``NOTIFY_SOCKET`` set so that ``READY=1`` can be timed.
+otherwise), ``NOTIFY_SOCKET`` set so that ``READY=1`` can be timed, and the
+``Environment=`` of systemd/edge-upgrade-agent.service (``MALLOC_ARENA_MAX``),
+as the unit runs it; ``--no-unit-env`` leaves that out, ``--daemon-env
+KEY=VALUE`` adds to it. The baselines never get it.
 
 Memory is read from ``/proc/<pid>/status``: VmRSS (resident now), VmHWM (the
 peak so far), RssAnon and RssFile (its two parts: private memory, and pages of
@@ -37,7 +41,7 @@ Baselines, in the same run:
 
 * ``floor``: ``python -c "import aiomqtt, structlog, yaml"``; and the same
   plus ``tenacity`` (the floor issue 10 quotes);
-* ``imports``: ``python -c "import agent.cli, agent.transport.mqtt, agent.tls"``:
+* ``imports``: ``python -c "import agent.cli, agent.daemon, agent.transport.mqtt, agent.tls"``:
   every module the daemon imports at start, nothing run;
 * ``tls client``: a bare aiomqtt client connected to the same broker with
   mutual TLS and subscribed (CN ``idle-probe``), sampled after the same idle
@@ -56,7 +60,9 @@ with ``git archive HEAD agent | tar -x -C DIR``), interleaved with this
 tree's, so before and after come from the same run. ``--pyc cached`` (the
 default) lets the children write byte code under a temporary
 ``PYTHONPYCACHEPREFIX``, as an installed node has ``.pyc`` files; one untimed
-import of each tree fills it first. Never run by the test suite.
+import of every module of each tree (and so of what they import at the top)
+fills it first, so that no daemon compiles a module in a job. Never run by
+the test suite.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ import argparse
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -83,6 +90,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "systemd" / "edge-upgrade-agent.service"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -111,7 +119,13 @@ CRYPTO_SO = "cryptography/hazmat/bindings/_rust"
 
 FLOOR = "import aiomqtt, structlog, yaml"
 FLOOR_TENACITY = "import aiomqtt, structlog, tenacity, yaml"
-IMPORTS = "import agent.cli, agent.transport.mqtt, agent.tls"
+IMPORTS = "import agent.cli, agent.daemon, agent.transport.mqtt, agent.tls"
+# Imports every module of the agent package (not __main__, which would run).
+IMPORT_ALL = ("import importlib, pkgutil, agent\n"
+              "for m in pkgutil.walk_packages(agent.__path__, 'agent.'):\n"
+              "    if not m.name.endswith('__main__'):\n"
+              "        importlib.import_module(m.name)\n"
+              "print(agent.__file__)\n")
 # Prints "ready" once set up, then waits: the parent samples it from outside.
 WAIT = "\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()\n"
 
@@ -197,7 +211,21 @@ class Source:
     path: Path  # the directory holding the agent package
 
 
-def child_env(source: Source, pycache: Path | None, notify: Path | None = None) -> dict[str, str]:
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The ``Environment=`` assignments of the unit's [Service] section."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "Environment":
+            for assignment in shlex.split(value):
+                name, eq, val = assignment.partition("=")
+                if eq:
+                    env[name] = val
+    return env
+
+
+def child_env(source: Source, pycache: Path | None, notify: Path | None = None,
+              extra: dict[str, str] | None = None) -> dict[str, str]:
     drop = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "EDGE_UPGRADE_AGENT_FAULT"}
     if pycache is not None:
         drop.add("PYTHONDONTWRITEBYTECODE")
@@ -207,6 +235,7 @@ def child_env(source: Source, pycache: Path | None, notify: Path | None = None) 
         env["PYTHONPYCACHEPREFIX"] = str(pycache)
     if notify is not None:
         env["NOTIFY_SOCKET"] = str(notify)
+    env.update(extra or {})
     return env
 
 
@@ -268,14 +297,15 @@ def wait_notify(sock: socket.socket, proc: subprocess.Popen[bytes], start: float
 class Daemon:
     """One ``python -m agent run`` with its own notify socket and log."""
 
-    def __init__(self, work: Path, config: Path, source: Source, pycache: Path | None) -> None:
+    def __init__(self, work: Path, config: Path, source: Source, pycache: Path | None,
+                 extra_env: dict[str, str]) -> None:
         self.work = work
         self.log = work / "agent.log"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify = work / "notify.sock"
         notify.unlink(missing_ok=True)
         self.sock.bind(str(notify))
-        env = child_env(source, pycache, notify)
+        env = child_env(source, pycache, notify, extra_env)
         self.start = time.perf_counter()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -368,7 +398,7 @@ def run_scenario(sc: Scenario, source: Source, *, base: Path, broker: Broker, cl
             Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
     start_edgecore(root)
     seen = len(cloud.presence())
-    daemon = Daemon(work, config, source, pycache)
+    daemon = Daemon(work, config, source, pycache, args.env)
     out: dict[str, Any] = {"source": source.tag, "scenario": sc.name}
     try:
         out["ready_ms"] = daemon.ready() * 1e3
@@ -404,8 +434,9 @@ def run_scenario(sc: Scenario, source: Source, *, base: Path, broker: Broker, cl
     return out
 
 
-def ready_round(config: Path, work: Path, source: Source, pycache: Path | None) -> float:
-    daemon = Daemon(work, config, source, pycache)
+def ready_round(config: Path, work: Path, source: Source, pycache: Path | None,
+                extra_env: dict[str, str]) -> float:
+    daemon = Daemon(work, config, source, pycache, extra_env)
     try:
         return daemon.ready()
     except BenchError as exc:
@@ -432,6 +463,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "env: inherit the environment as is")
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp"),
                     help="where the temporary work directory goes (default /var/tmp)")
+    ap.add_argument("--no-unit-env", action="store_true",
+                    help="do not give the daemons the unit's Environment= (MALLOC_ARENA_MAX)")
+    ap.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more environment variable for the daemons (repeatable)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = ap.parse_args(argv)
@@ -439,6 +474,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--idle-seconds and --settle-seconds must be between 0 and 600")
     if not 0 <= args.ready_rounds <= 100:
         ap.error("--ready-rounds must be between 0 and 100")
+    args.env = {} if args.no_unit_env else unit_environment()
+    for item in args.daemon_env:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            ap.error(f"--daemon-env {item!r}: expected KEY=VALUE")
+        args.env[key] = value
     if args.compare is not None:
         args.compare = args.compare.resolve()
         if not (args.compare / "agent" / "__main__.py").is_file():
@@ -472,9 +513,8 @@ def measure(args: argparse.Namespace, work: Path, pycache: Path | None,
     if args.compare is not None:
         sources.append(Source("compare", args.compare))
     for source in sources:  # untimed: compile the byte code, warm the page cache
-        code = f"{IMPORTS}, agent.adapters.docker_images; print(agent.__file__)"
         where = subprocess.run(
-            [sys.executable, "-c", code],
+            [sys.executable, "-c", IMPORT_ALL],
             cwd=source.path, env=child_env(source, pycache), check=True, capture_output=True,
             text=True).stdout.strip()
         if not Path(where).is_relative_to(source.path):
@@ -516,7 +556,8 @@ def measure(args: argparse.Namespace, work: Path, pycache: Path | None,
                 # Alternate which tree starts first, so neither always gets the warmer cache.
                 for source in (sources if r % 2 == 0 else sources[::-1]):
                     config, d = configs[source.tag, kind]
-                    ready[source.tag][kind].append(ready_round(config, d, source, pycache) * 1e3)
+                    ready[source.tag][kind].append(
+                        ready_round(config, d, source, pycache, args.env) * 1e3)
         results["ready_ms"] = ready
     finally:
         if cloud is not None:
@@ -562,6 +603,8 @@ def _row(name: str, s: dict[str, Any]) -> str:
 
 def report(r: dict[str, Any]) -> None:
     print(f"python {r['python']}; {r['machine_before']['uptime']}")
+    env = " ".join(f"{k}={v}" for k, v in r["params"]["env"].items())
+    print(f"daemon environment: {env or '(none added)'}")
     print(f"{'process (MiB)':<44} {'VmRSS':>7} {'VmHWM':>7} {'anon':>6} {'file':>6} "
           f"{'threads':>7}  cryptography")
     for name, s in r["baselines"].items():

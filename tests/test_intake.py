@@ -257,7 +257,6 @@ def test_strict_json(node: Node, raw: bytes, reason: str) -> None:
 async def test_the_version_policy_is_decided_before_the_image_is_looked_up(
         tmp_path: Path) -> None:
     """A downgrade is refused as a downgrade, not as 'image not found'."""
-    from agent.errors import InvalidCommand
     from agent.messages.commands import Operation, build_command
     from testkit.fakes import FakeImages, FakeService
 
