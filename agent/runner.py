@@ -64,7 +64,7 @@ class Runner:
             State.RECEIVED: Step(self._check, action=Action.CHECK),
             State.PRECHECKED: Step(self._stage, "image", Action.CHECK),
             State.IMAGE_READY: Step(self._back_up, "backup", Action.BACKUP),
-            State.BACKED_UP: Step(self._hand_over),
+            State.BACKED_UP: Step(self._hand_over, "backup", Action.BACKUP),
             State.INSTALLING: Step(self._install, "install", log_tail=True),
             State.VERIFYING: Step(self._verify, "health"),
             State.ROLLING_BACK: Step(self._roll_back),
@@ -312,6 +312,10 @@ class Runner:
                             action=(Action.BACKUP, True), notes={Note.BACKUP: backup_dir})
 
     async def _hand_over(self, job: Job) -> Job:
+        from agent.steps.backup import verify_backup  # noqa: PLC0415 (see the imports)
+        # The last look before the point of no return: a backup that rotted since
+        # it was made fails the job here, with the node untouched (fault matrix).
+        await asyncio.to_thread(verify_backup, Path(job.note(Note.BACKUP) or ""))
         log_path = self.node.log_path(job.key)
         # Noted before the installer starts: recovery uses them to find and stop it.
         return self.advance(job, State.INSTALLING, "running installer",

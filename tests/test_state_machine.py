@@ -66,13 +66,13 @@ FAILURE: dict[State, tuple[State, Action | None]] = {
     S.RECEIVED: (S.FAILED, Action.CHECK),
     S.PRECHECKED: (S.FAILED, Action.CHECK),
     S.IMAGE_READY: (S.FAILED, Action.BACKUP),
-    S.BACKED_UP: (S.FAILED, None),  # the hand-over names no action (see its test)
+    S.BACKED_UP: (S.FAILED, Action.BACKUP),  # the hand-over re-checks the backup
     S.INSTALLING: (S.ROLLING_BACK, Action.UPGRADE),
     S.VERIFYING: (S.ROLLING_BACK, Action.UPGRADE),
     S.ROLLING_BACK: (S.ROLLBACK_FAILED, Action.ROLLBACK),
 }
-LABELS = {S.PRECHECKED: "image", S.IMAGE_READY: "backup", S.INSTALLING: "install",
-          S.VERIFYING: "health"}
+LABELS = {S.PRECHECKED: "image", S.IMAGE_READY: "backup", S.BACKED_UP: "backup",
+          S.INSTALLING: "install", S.VERIFYING: "health"}
 # A plausible AgentError for each state's work.
 ERRORS: dict[State, type[AgentError]] = {
     S.RECEIVED: PrecheckFailed, S.PRECHECKED: StepError, S.IMAGE_READY: BackupError,

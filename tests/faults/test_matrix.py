@@ -190,9 +190,15 @@ def test_program_fault(fault: str, tmp_path: Path, fleet: Fleet) -> None:
         cell.node.stop()
 
 
-@pytest.mark.parametrize("state", ["backed_up", "installing", "verifying"])
-def test_corrupted_backup(state: str, tmp_path: Path, fleet: Fleet) -> None:
-    """A backup rotted after it was verified, then a failed install needs it."""
+@pytest.mark.parametrize(("state", "end"), [
+    # Found before the installer runs: the job fails with the node untouched.
+    ("backed_up", "failed"),
+    # Found when the failed install needs it: nothing intact to restore, said so.
+    ("installing", "rollback_failed"),
+    ("verifying", "rollback_failed"),
+])
+def test_corrupted_backup(state: str, end: str, tmp_path: Path, fleet: Fleet) -> None:
+    """A backup rotted after it was made, then a failed install needs it."""
     cell = Cell("backup_corrupt", state, tmp_path, fleet, new_edgecore="crash")
 
     def corrupt() -> None:
@@ -203,7 +209,8 @@ def test_corrupted_backup(state: str, tmp_path: Path, fleet: Fleet) -> None:
 
     try:
         paused(cell, corrupt)
-        cell.finish()
+        outcome = cell.finish()
+        assert outcome.final_state == end, outcome
     finally:
         cell.node.stop()
 
