@@ -235,3 +235,35 @@ def test_sd_notify_never_hangs_on_a_full_queue(tmp_path: Path,
         worker.join(60)  # bounds a hang; no timing is asserted
         assert not worker.is_alive(), "sd_notify blocked on a full queue"
     assert sent[0] and not sent[-1]  # the first went, the overflow was dropped
+
+
+@pytest.mark.parametrize("use_within", [True, False])
+async def test_within_never_swallows_a_cancel(use_within: bool) -> None:
+    """The race that held the daemon at stop: the awaited event fires as the
+    cancel lands. asyncio.wait_for (before 3.12) drops the cancel; within never."""
+    import asyncio
+
+    from agent.timeouts import within
+
+    event = asyncio.Event()
+
+    async def loop_step() -> str:
+        if use_within:
+            await within(event.wait(), 5)
+        else:
+            await asyncio.wait_for(event.wait(), 5)
+        return "went on as if never cancelled"
+
+    task = asyncio.ensure_future(loop_step())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    event.set()
+    task.cancel()
+    try:
+        outcome = await task
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+    if use_within or sys.version_info >= (3, 12):
+        assert outcome == "cancelled"
+    else:  # documents why within exists
+        assert outcome == "went on as if never cancelled"

@@ -22,6 +22,7 @@ from agent.adapters.procfs import live_processes, pid_alive
 from agent.errors import InstallError
 from agent.messages.commands import Command
 from agent.node import Node
+from agent.timeouts import within
 from agent.versions import Version
 
 TERM_GRACE_SECONDS = 5.0
@@ -78,11 +79,11 @@ async def run_installer(argv: list[str], log: Path, timeout: float,
         except OSError as exc:
             raise InstallError(f"cannot start installer {argv[0]}: {exc.strerror}") from None
     try:
-        code = await asyncio.wait_for(proc.wait(), timeout)
+        code = await within(proc.wait(), timeout)
     except asyncio.TimeoutError:
         _killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(proc.wait(), TERM_GRACE_SECONDS)
+            await within(proc.wait(), TERM_GRACE_SECONDS)
         # Children that ignored SIGTERM, or the leader itself, go now.
         _killpg(proc.pid, signal.SIGKILL)
         await proc.wait()

@@ -35,6 +35,7 @@ from agent import metrics
 from agent.config_reader import Section
 from agent.errors import AgentError, ConfigError, TransientError
 from agent.systemd_notify import sd_notify
+from agent.timeouts import within
 from agent.tls import TlsFiles, check_tls_files, client_context
 from agent.transport.base import Inbound, Presence
 
@@ -192,7 +193,7 @@ class MqttTransport:
         """A clean disconnect sends no will, so say "offline" ourselves (bounded)."""
         try:
             body = {**await self.presence(), "online": False}
-            await asyncio.wait_for(self._publish(self.presence_topic, body, retain=True), 2)
+            await within(self._publish(self.presence_topic, body, retain=True), 2)
         except (AgentError, asyncio.TimeoutError) as exc:
             log.info("could not publish offline presence", error=str(exc))
 
@@ -310,7 +311,7 @@ class MqttTransport:
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._acks[info.mid] = fut
             try:
-                code = await asyncio.wait_for(fut, PUBACK_TIMEOUT_SECONDS)
+                code = await within(fut, PUBACK_TIMEOUT_SECONDS)
             except asyncio.TimeoutError:
                 raise TransientError("no PUBACK from the broker in time") from None
             finally:
