@@ -293,6 +293,44 @@ def test_cli_refuses_an_image_outside_the_allow_list(sandbox: Sandbox) -> None:
     assert not (sandbox.state_dir / "backups").exists()
 
 
+@pytest.mark.parametrize(("realm", "refused"), [
+    ("http://auth.example.com/token", True),  # off this host in clear text
+    ("ftp://auth.example.com/token", True),
+    ("javascript:alert(1)", True),
+    ("https://auth.example.com/token", False),
+    ("http://127.0.0.1:5000/token", False),  # loopback, like an http registry
+    ("http://[::1]:5000/token", False),
+])
+def test_registry_credentials_never_go_to_a_clear_text_token_realm(
+        realm: str, refused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The containerd backend's client: the registry's 401 names the realm that
+    gets the basic credentials; an https registry cannot send them to http."""
+    import urllib.error
+
+    from agent.adapters.registry import RegistryClient
+    from agent.errors import FatalError, TransientError
+    from agent.versions import parse_image
+
+    client = RegistryClient(parse_image("registry.example.com/kubeedge/installation-package"),
+                            {"username": "edge", "password": "realm-test-secret"})
+    sent: list[Any] = []
+
+    def no_network(req: Any, timeout: float) -> Any:
+        sent.append(req)
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(client._opener, "open", no_network)
+    challenge = f'Bearer realm="{realm}",service="registry",scope="repository:x:pull"'
+    if refused:
+        with pytest.raises(FatalError, match="not an https URL"):
+            client._authenticate(challenge)
+        assert sent == []
+    else:
+        with pytest.raises(TransientError, match="token service unreachable"):
+            client._authenticate(challenge)
+        assert [r.full_url.split("?")[0] for r in sent] == [realm]
+
+
 # ---------------------------------------------------------------- files at rest
 # The unit (systemd/edge-upgrade-agent.service) gives the agent StateDirectoryMode=0700
 # and UMask=0027; the agent itself sets no umask.

@@ -13,8 +13,9 @@ sha256 verified.
   plain http by default.
 - Auth: anonymous first; on 401 the ``WWW-Authenticate`` challenge decides:
   ``Bearer`` fetches a pull token from the realm (with basic credentials if
-  any), ``Basic`` sends them. Docker Hub's ``docker.io`` is
-  ``registry-1.docker.io``, single names are ``library/<name>``.
+  any; the realm must be https unless it is on loopback), ``Basic`` sends
+  them. Docker Hub's ``docker.io`` is ``registry-1.docker.io``, single names
+  are ``library/<name>``.
 - Redirects (blob storage on another host) drop the Authorization header,
   which urllib would otherwise forward to whoever the registry names.
 - Blocking (urllib): callers run it in a thread.
@@ -212,8 +213,13 @@ class RegistryClient:
             raise FatalError(f"registry asks for unsupported auth {kind or '(none)'!r}")
         params = dict(_CHALLENGE.findall(challenge))
         realm = params.get("realm", "")
-        if urllib.parse.urlsplit(realm).scheme not in ("https", "http"):
-            raise FatalError("registry sent a token realm that is not an http(s) URL")
+        parts = urllib.parse.urlsplit(realm)
+        # The realm gets the credentials: never in clear text off this host, as
+        # the registry itself is reached over http only on loopback.
+        loopback = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback in LOOPBACK):
+            raise FatalError(f"registry sent a token realm that is not an https URL "
+                             f"({realm[:80]!r}): credentials are never sent in clear text")
         query = {"scope": params.get("scope", self.scope)}
         if "service" in params:
             query["service"] = params["service"]
