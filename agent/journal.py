@@ -15,6 +15,7 @@ answers (a refused cancel, a rejection), each in one transaction of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -116,6 +117,11 @@ class Journal:
                 raise
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
+            # A failed COMMIT (disk full) may leave the transaction open, and every
+            # later BEGIN would fail on this connection even once space is back.
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise JournalError(f"journal write failed: {exc}") from None
 
     def get(self, key: str) -> Job | None:

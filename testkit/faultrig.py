@@ -254,7 +254,10 @@ class FaultNode:
             state = self.job_state(name)
             return state in TERMINAL and bool(self.cloud.finals(self.job_key(name)))
         wait_until(final_arrived, timeout, f"final report of {name} ({self.log_tail()})")
-        wait_until(self.outbox_empty, 30, "outbox drained")
+        # The agent may die on the way (a journal write on a full disk ends it):
+        # systemd would start it again, and so does this wait.
+        wait_until(lambda: not self.restart_if_dead() and self.outbox_empty(), 30,
+                   f"outbox drained ({self.log_tail()})")
         time.sleep(0.3)  # a duplicate, if any, would be in flight now
         # MQTT QoS 1 is at least once: a copy of one report (same sequence) is
         # a redelivery, which receivers drop; two sequences are two answers.

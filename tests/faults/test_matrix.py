@@ -17,7 +17,9 @@ against a private dockerd and an htpasswd registry.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -146,6 +148,9 @@ def tmpfs_root(tmp_path: Path) -> Iterator[Path]:
             raise AssertionError(f"cannot mount a tmpfs: {done.stderr}")
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield point
+    # The agent's log is on the tmpfs: keep it for a failure's post-mortem.
+    with contextlib.suppress(OSError):
+        shutil.copy(point / "agent.log", tmp_path / "agent.log")
     subprocess.run(["umount", "-l", str(point)], check=False)
 
 
