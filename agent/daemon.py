@@ -20,6 +20,7 @@ from agent.config import Config
 from agent.errors import AgentError, Busy, JournalError
 from agent.intake import Intake, Parser
 from agent.messages.commands import Command
+from agent.messages.kubeedge import machine_arch
 from agent.node import Node, build_node
 from agent.runner import Runner
 from agent.systemd_notify import sd_notify, watchdog_interval
@@ -138,6 +139,8 @@ class Daemon:
             "versionSource": detected.source if detected else None,
             "labels": dict(self.node.config.labels),
             "agentVersion": __version__,
+            # The GOARCH name: a controller picks a per-arch digest (imageDigestGatter) by it.
+            "arch": machine_arch(),
             "currentJob": self.running,
             # Every rejected message counts, reported or over the rate limit.
             "rejectedCommands": self.intake.rejected_total,

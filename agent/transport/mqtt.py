@@ -7,7 +7,7 @@ What the defaults of the stack would get wrong, and what we do instead:
 - paho acks a QoS 1 message as soon as it is read, before we journal it: we
   switch to manual acks and ack only after the journal commit.
 - aiomqtt ignores PUBACK reason codes, so an ACL denial looks like success:
-  we wrap paho's on_publish to see them.
+  we wrap paho's on_publish to see them (``agent.transport.acks``).
 - paho silently re-sends QoS 1 publishes when the *same* client reconnects,
   duplicating our outbox's own retries: every connection uses a new client,
   so the journal's outbox is the only source of re-sends.
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
-import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -37,6 +36,7 @@ from agent.errors import AgentError, ConfigError, TransientError
 from agent.systemd_notify import sd_notify
 from agent.timeouts import within
 from agent.tls import TlsFiles, check_tls_files, client_context
+from agent.transport.acks import PublishAcks
 from agent.transport.base import Inbound, Presence
 
 if TYPE_CHECKING:
@@ -135,8 +135,7 @@ class MqttTransport:
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=1000)
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
-        self._acks: dict[int, asyncio.Future[int]] = {}
-        self._early: dict[int, int] = {}
+        self._acks = PublishAcks()
         self.connections = 0  # successful connects, for logs and tests
 
     # -- Transport interface ------------------------------------------------
@@ -208,28 +207,15 @@ class MqttTransport:
             # Without it, Nagle meets delayed ACKs: ~40 ms added to every report.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
-        inner: paho.Client = client._client  # private: the aiomqtt#345 workaround
-        inner.manual_ack_set(True)
-        original = inner.on_publish
-
-        def on_publish(c: paho.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-            code = int(getattr(rc, "value", rc or 0))
-            fut = self._acks.get(mid)
-            if fut is not None and not fut.done():
-                fut.set_result(code)
-            else:
-                self._early[mid] = code
-            if original is not None:
-                original(c, userdata, mid, rc, props)  # type: ignore[call-arg]
-
-        inner.on_publish = on_publish
+        client._client.manual_ack_set(True)  # private: the aiomqtt#345 workaround
+        self._acks.watch(client)
         return client
 
     async def _offline_will(self) -> aiomqtt.Will:
         # Only facts that stay true for the whole connection: the will is fixed
         # at CONNECT, long before an upgrade may change the version or the job.
         now = await self.presence()
-        body = {"online": False, "nodeName": now.get("nodeName"),
+        body = {"online": False, "nodeName": now.get("nodeName"), "arch": now.get("arch"),
                 "agentVersion": now.get("agentVersion"), "labels": now.get("labels")}
         return aiomqtt.Will(self.presence_topic, json.dumps(body, sort_keys=True), qos=1,
                             retain=True)
@@ -247,10 +233,7 @@ class MqttTransport:
         self._client = None
         self._connected.clear()
         metrics.current().broker(False)
-        for fut in self._acks.values():
-            if not fut.done():
-                fut.set_exception(TransientError("connection lost before PUBACK"))
-        self._early.clear()
+        self._acks.fail_all()
 
     async def _serve(self, client: aiomqtt.Client, fingerprint: str) -> str:
         """Read commands until the connection fails (raises) or the TLS files change."""
@@ -302,20 +285,8 @@ class MqttTransport:
         if client is None or not self._connected.is_set():
             raise TransientError("not connected to the broker")
         payload = json.dumps(body, sort_keys=True).encode()
-        info = client._client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise TransientError(f"publish failed: {paho.error_string(info.rc)}")
-        if info.mid in self._early:
-            code = self._early.pop(info.mid)
-        else:
-            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._acks[info.mid] = fut
-            try:
-                code = await within(fut, PUBACK_TIMEOUT_SECONDS)
-            except asyncio.TimeoutError:
-                raise TransientError("no PUBACK from the broker in time") from None
-            finally:
-                self._acks.pop(info.mid, None)
+        code = await self._acks.publish(client, topic, payload, retain=retain,
+                                        timeout=PUBACK_TIMEOUT_SECONDS)
         if code >= 0x80:
             log.error("broker refused a publish: check the ACL for this node",
                       topic=topic, reason_code=code)
