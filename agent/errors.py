@@ -6,6 +6,7 @@ never contains credentials). The tree decides what the runner does::
 
     AgentError
     ├── ConfigError            bad configuration file or option (exit 2)
+    │   └── ManifestError      edge-upgrade-ctl: a NodeUpgradeJob it cannot run
     ├── InvalidCommand         malformed, oversized or unauthorised command:
     │                          the job is ``rejected`` and nothing is touched
     ├── Busy                   another job holds the lock, or keadm's own
@@ -47,6 +48,10 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     exit_code = 2
+
+
+class ManifestError(ConfigError):
+    """A NodeUpgradeJob manifest, job name or selection the controller cannot run."""
 
 
 class InvalidCommand(AgentError):

@@ -1,0 +1,5 @@
+import sys
+
+from agent.ctl.cli import main
+
+sys.exit(main())
