@@ -195,7 +195,7 @@ async def _drive(settings: CtlSettings, store: Store, args: argparse.Namespace) 
         rollout = Rollout(store, link, spec, operation=operation, history_id=history,
                           signer=_signer(settings), tick=settings.tick_seconds,
                           dispatch=args.cmd != "watch")
-        view = await rollout.run(live)
+        view = await rollout.run(None if args.quiet else live)
     print(dump_status(view, spec.api_version), end="")
     print(summary(view), file=sys.stderr)
     return 0 if view.phase is JobPhase.COMPLETED else 1

@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 
 from agent.ctl.settings import CtlSettings
 from agent.ctl.store import Store, now
-from agent.errors import AgentError, JournalError, TransientError
+from agent.errors import AgentError, TransientError
 from agent.tls import check_tls_files, client_context
 from agent.transport.acks import PublishAcks
 
@@ -38,6 +38,8 @@ MAX_MESSAGE_BYTES = 1 << 20
 # Reports the broker may have in flight to us before we ack one. A controller
 # reads thousands of nodes: a window, unlike the agent's 1, but a bounded one.
 RECEIVE_MAXIMUM = 64
+BATCH = 256  # messages committed in one transaction
+LEAVES = ("status", "presence")
 
 
 class CommandRefused(AgentError):
@@ -117,40 +119,46 @@ class Link:
         self.on_change()
 
     async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            topic = str(message.topic)
-            raw = message.payload if isinstance(message.payload, bytes) else \
-                str(message.payload).encode()
-            # On the loop, as the agent's journal does: one short local commit.
-            self._take(topic, raw)
-            if message.qos > 0 and client is self._client:
-                client._client.ack(message.mid, message.qos)
+        messages = client.messages
+        async for first in messages:
+            # What already waits in the queue joins this one: one commit (one fsync)
+            # for a burst, then the acks. On the loop, as the agent's journal does.
+            batch = [first]
+            while len(messages) and len(batch) < BATCH:
+                batch.append(await anext(messages))
+            self._take(batch)
+            if client is self._client:
+                for message in batch:
+                    if message.qos > 0:
+                        client._client.ack(message.mid, message.qos)
             self.on_change()
         raise aiomqtt.MqttError("message stream ended")
 
-    def _take(self, topic: str, raw: bytes) -> None:
-        """Commit one message to the store (before its ack); a bad one is logged and dropped."""
-        node = self.settings.node_of(topic)
-        leaf = topic.rsplit("/", 1)[-1]
-        if node is None or len(raw) > MAX_MESSAGE_BYTES:
-            log.warning("message ignored", topic=topic, bytes=len(raw))
-            return
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            log.warning("malformed message ignored", topic=topic)
-            return
-        if not isinstance(body, dict):
-            log.warning("malformed message ignored", topic=topic)
-            return
-        try:
+    def _take(self, batch: list[aiomqtt.Message]) -> None:
+        """Commit messages to the store before their acks; a bad one is logged and dropped.
+        A failed commit raises: nothing is acked, and the broker delivers them again."""
+        items: list[tuple[str, str, dict[str, Any]]] = []
+        for message in batch:
+            topic = str(message.topic)
+            raw = message.payload if isinstance(message.payload, bytes) else \
+                str(message.payload).encode()
+            node = self.settings.node_of(topic)
+            leaf = topic.rsplit("/", 1)[-1]
+            if node is None or len(raw) > MAX_MESSAGE_BYTES or leaf not in LEAVES:
+                log.warning("message ignored", topic=topic, bytes=len(raw))
+                continue
+            try:
+                body = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                body = None
+            if not isinstance(body, dict):
+                log.warning("malformed message ignored", topic=topic)
+                continue
+            items.append((leaf, node, body))
             if leaf == "presence":
-                self.store.record_presence(node, body, now())
                 self._last_presence = time.monotonic()
-            elif leaf == "status":
-                self.store.record_report(node, body, now())
-        except JournalError:
-            raise  # no ack: the broker keeps the message for the next connection
+        if items:
+            self.store.record_batch(items, now())
 
     async def pump(self) -> None:
         """Send the commands other processes queued in the store (``confirm`` while

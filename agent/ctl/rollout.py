@@ -39,6 +39,9 @@ from agent.timeouts import within
 
 log = structlog.get_logger("agent.ctl")
 COMMAND_SCHEMA = "edge-upgrade-agent/command/v1"
+DRAW_SECONDS = 0.25
+COALESCE_SECONDS = 0.02
+SEND_BATCH = 100  # commands awaiting their PUBACKs at once
 
 
 @dataclass(frozen=True)
@@ -108,23 +111,23 @@ def new_history_id() -> str:
     return str(uuid.uuid4())
 
 
-def job_phase(view: JobView, tolerate: float) -> JobPhase:
+def job_phase(counts: dict[NodePhase, int], tolerate: float) -> JobPhase:
     """KubeEdge's calculation (controllermanager/nodetask/calculation.go): any node
     not final keeps the job InProgress; then Failure if failed/total, to two
     decimals, exceeds failureTolerate, else Completed. Unknown counts as failed."""
-    if not view.nodes:
+    if not sum(counts.values()):
         return JobPhase.FAILURE
-    if any(not n.phase.final for n in view.nodes):
+    if counts[NodePhase.PENDING] or counts[NodePhase.IN_PROGRESS]:
         return JobPhase.IN_PROGRESS
-    return JobPhase.FAILURE if _over(view, tolerate) else JobPhase.COMPLETED
+    return JobPhase.FAILURE if _over(counts, tolerate) else JobPhase.COMPLETED
 
 
-def _failed(view: JobView) -> int:
-    return sum(1 for n in view.nodes if n.phase in (NodePhase.FAILURE, NodePhase.UNKNOWN))
+def _failed(counts: dict[NodePhase, int]) -> int:
+    return counts[NodePhase.FAILURE] + counts[NodePhase.UNKNOWN]
 
 
-def _over(view: JobView, tolerate: float) -> bool:
-    return round(_failed(view) / len(view.nodes), 2) > tolerate
+def _over(counts: dict[NodePhase, int], tolerate: float) -> bool:
+    return round(_failed(counts) / sum(counts.values()), 2) > tolerate
 
 
 class Rollout:
@@ -149,26 +152,31 @@ class Rollout:
             "concurrency": s.concurrency, "failure_tolerate": s.failure_tolerate,
             "timeout_seconds": s.timeout_seconds})
 
-    async def run(self, on_view: Callable[[JobView], None] = lambda v: None) -> JobView:
+    async def run(self, on_view: Callable[[JobView], None] | None = None) -> JobView:
+        """Drive the job until every node is final; ``on_view`` (the live table) gets
+        the whole job at most every DRAW_SECONDS: building it for a fleet of
+        thousands on every report would cost more than the rollout."""
         await self.link.settled.wait()
+        drawn = 0.0
         while True:
-            view = self.view()
-            if self.dispatch:
-                view = await self._step(view)
-            on_view(view)
-            phase = job_phase(view, self.spec.failure_tolerate)
+            counts = await self._step() if self.dispatch else self.store.counts(self.spec.name)
+            phase = job_phase(counts, self.spec.failure_tolerate)
+            loop_now = asyncio.get_running_loop().time()
+            if on_view is not None and (phase.final or loop_now - drawn >= DRAW_SECONDS):
+                on_view(self.view())
+                drawn = loop_now
             if phase.final:
-                reason = self._reason(view)
-                if self.dispatch or view.phase is not phase:
-                    self.store.set_job_phase(self.spec.name, phase, reason, now())
+                self.store.set_job_phase(self.spec.name, phase, self._reason(counts), now())
                 view = self.view(events=True)
-                on_view(view)
+                if on_view is not None:
+                    on_view(view)
                 return view
             self.changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await within(self.changed.wait(), self.tick)
+            await asyncio.sleep(COALESCE_SECONDS)  # one step for a burst of reports
 
-    async def _step(self, view: JobView) -> JobView:
+    async def _step(self) -> dict[NodePhase, int]:
         t = now()
         name, spec = self.spec.name, self.spec
         for node, heard in self.store.heard_at(name).items():
@@ -177,28 +185,26 @@ class Rollout:
                 self.store.finish_node(name, node, NodePhase.UNKNOWN,
                                        f"The node task has timed out: no report for "
                                        f"{spec.timeout_seconds}s", t)
-        view = self.view()
-        pending = [n for n in view.nodes if n.phase is NodePhase.PENDING]
-        if pending and _over(view, spec.failure_tolerate):
+        counts = self.store.counts(name)
+        if counts[NodePhase.PENDING] and _over(counts, spec.failure_tolerate):
             skipped = self.store.skip_pending(
-                name, f"not dispatched: failures ({_failed(view)}/{len(view.nodes)}) exceed "
-                f"failureTolerate {spec.failure_tolerate:g}", t)
+                name, f"not dispatched: failures ({_failed(counts)}/{sum(counts.values())}) "
+                f"exceed failureTolerate {spec.failure_tolerate:g}", t)
             log.warning("failure tolerance exceeded; dispatch stopped", job=name,
                         skipped=skipped)
-            view = self.view()
-            pending = []
-        in_flight = [n for n in view.nodes if n.phase is NodePhase.IN_PROGRESS]
-        for n in pending[:max(0, spec.concurrency - len(in_flight))]:
-            self.store.mark_dispatched(name, n.name, t)  # before the side effect
-        for n in self.view().nodes:
-            if n.phase is NodePhase.IN_PROGRESS and n.name not in self.sent:
-                await self._send(n.name)
-        return self.view()
+        else:
+            slots = spec.concurrency - counts[NodePhase.IN_PROGRESS]
+            if slots > 0 and counts[NodePhase.PENDING]:
+                # Committed before the commands leave: a crash now means a resend.
+                self.store.mark_dispatched(name, self.store.pending(name, slots), t)
+        unsent = [n for n in self.store.heard_at(name) if n not in self.sent]
+        for i in range(0, len(unsent), SEND_BATCH):
+            await asyncio.gather(*(self._send(n) for n in unsent[i:i + SEND_BATCH]))
+        return self.store.counts(name)
 
     async def _send(self, node: str) -> None:
-        presence = self.store.presence().get(node, {})
         body = command_for(self.spec, self.operation, node, self.history_id,
-                           _str(presence.get("arch")))
+                           self.store.arch(node))
         if self.signer is not None:
             body = self.signer(body)  # a fresh commandId each time: resends are not replays
         try:
@@ -214,9 +220,8 @@ class Rollout:
         else:
             self.sent.add(node)
 
-    def _reason(self, view: JobView) -> str:
-        failed, total = _failed(view), len(view.nodes)
-        ok = view.count(NodePhase.SUCCESSFUL)
-        return (f"{ok} of {total} node(s) successful, {failed} failed or unknown, "
-                f"{view.count(NodePhase.SKIPPED)} not dispatched "
+    def _reason(self, counts: dict[NodePhase, int]) -> str:
+        return (f"{counts[NodePhase.SUCCESSFUL]} of {sum(counts.values())} node(s) "
+                f"successful, {_failed(counts)} failed or unknown, "
+                f"{counts[NodePhase.SKIPPED]} not dispatched "
                 f"(failureTolerate {self.spec.failure_tolerate:g})")
