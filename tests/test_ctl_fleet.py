@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from testkit.broker import Broker
 from testkit.cloud import Cloud
 from testkit.ctlrig import Ctl, ctl_config, run_ctl, start_nodes
-from testkit.faultrig import NEW, OLD, FaultNode, Fleet, wait_until
+from testkit.faultrig import NEW, OLD, FaultNode, Fleet, sha256, wait_until
 from testkit.pki import Pki
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "examples" / "nodeupgradejob.yaml"
@@ -140,6 +140,42 @@ def test_label_selector_and_concurrency(tmp_path: Path, fleet: Fleet,
     assert "site-b9" in listed.stdout and "hold=yes" in listed.stdout
     jobs_out = run_ctl(config, "get", "jobs")
     assert "wave-1" in jobs_out.stdout and "Completed" in jobs_out.stdout
+    page = tmp_path / "wave-1.html"
+    report = run_ctl(config, "report", "wave-1", "--html", str(page))
+    assert report.returncode == 0, report.stderr
+    assert all(name in page.read_text() for name in status)
+
+
+def test_offline_and_unknown_nodes_are_not_waited_on(tmp_path: Path, fleet: Fleet,
+                                                     nodes: list[FaultNode]) -> None:
+    nodes += start_nodes(tmp_path, fleet, {"off-1": {}, "off-2": {}})
+    nodes[0].stop()  # its Last Will says offline
+    wait_until(lambda: any(p.get("nodeName") == "off-1" and not p.get("online")
+                           for p in fleet.cloud.presence()), 30, "off-1 offline")
+    config = ctl_config(tmp_path, fleet.pki, fleet.broker)
+    job = manifest(tmp_path, "partial", failureTolerate="1",
+                   nodeNames=["off-1", "off-2", "ghost-node"])
+    done = run_ctl(config, "apply", "-f", str(job))
+    assert done.returncode == 0, done.stderr
+    by_node = node_status(yaml.safe_load(done.stdout))
+    assert by_node["off-1"]["phase"] == "Failure" and "offline" in by_node["off-1"]["reason"]
+    assert by_node["ghost-node"]["phase"] == "Failure"
+    assert "no presence" in by_node["ghost-node"]["reason"]
+    assert by_node["off-2"]["phase"] == "Successful"
+
+
+def test_prepull_fetches_on_the_selection(tmp_path: Path, fleet: Fleet,
+                                          nodes: list[FaultNode]) -> None:
+    nodes += start_nodes(tmp_path, fleet, {"pre-1": {"labels": {"ring": "canary"}}})
+    config = ctl_config(tmp_path, fleet.pki, fleet.broker)
+    job = manifest(tmp_path, "early", labelSelector={"matchLabels": {"ring": "canary"}})
+    done = run_ctl(config, "prepull", "-f", str(job))
+    assert done.returncode == 0, done.stderr
+    by_node = node_status(yaml.safe_load(done.stdout))
+    assert by_node["pre-1"]["result"] == "prepull_success"
+    assert [j[1] for j in jobs(nodes[0], "early-prepull")] == ["succeeded"]
+    assert (nodes[0].state_dir / "staging" / NEW / "keadm").exists()
+    assert sha256(nodes[0].root / "usr/local/bin/edgecore") == nodes[0].old_sha  # untouched
 
 
 def test_failure_tolerance_stops_dispatch(tmp_path: Path, fleet: Fleet,
