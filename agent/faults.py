@@ -12,6 +12,10 @@ state) or ``backup:partial`` (half-way through a backup). The actions:
   fault (broker down, disk full, clock jump ...) while the agent stands at
   exactly that point; ``<dir>`` is ``EDGE_UPGRADE_AGENT_FAULT_DIR``.
 
+edge-upgrade-ctl has points of its own: ``ctl:created`` (the job stored),
+``ctl:dispatched`` (nodes marked in flight, commands not sent), ``ctl:sent``
+and ``ctl:taken`` (reports committed, not yet acked).
+
 Unset in production, where the check is one dict lookup.
 """
 

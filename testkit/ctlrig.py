@@ -51,10 +51,12 @@ def start_nodes(work: Path, fleet: Fleet, specs: dict[str, dict[str, Any]]) -> l
 class Ctl:
     """``python -m agent.ctl --config CONFIG ARGS…`` in the background."""
 
-    def __init__(self, config: Path, *args: str) -> None:
+    def __init__(self, config: Path, *args: str, fault: str | None = None) -> None:
         self.log = config.parent / f"ctl-{args[0]}.log"
         self.out = config.parent / f"ctl-{args[0]}.out"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if fault is not None:  # agent.faults: SIGKILL at that point of the controller
+            env["EDGE_UPGRADE_AGENT_FAULT"] = fault
         with self.log.open("ab") as err, self.out.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.ctl", "--config", str(config),

@@ -240,6 +240,27 @@ def test_killed_controller_resumes(tmp_path: Path, fleet: Fleet,
     assert watched.returncode == 0, watched.stderr
 
 
+@pytest.mark.parametrize("point", ["ctl:created", "ctl:dispatched", "ctl:sent", "ctl:taken"])
+def test_controller_killed_at_each_point_resumes(point: str, tmp_path: Path, fleet: Fleet,
+                                                 nodes: list[FaultNode]) -> None:
+    """SIGKILL just after the job is stored, after a node is marked in flight but
+    before its command leaves, after commands left, and after reports were
+    committed but before their acks: resume ends with each node upgraded once."""
+    names = ["kp-1", "kp-2"]
+    nodes += start_nodes(tmp_path, fleet, {n: {} for n in names})
+    config = ctl_config(tmp_path, fleet.pki, fleet.broker)
+    job = manifest(tmp_path, "killed", concurrency=1, nodeNames=names)
+    first = Ctl(config, "apply", "-f", str(job), fault=f"{point}=kill")
+    assert first.wait() == -signal.SIGKILL, first.errors()[-2000:]
+    done = run_ctl(config, "resume", "killed")
+    assert done.returncode == 0, done.stderr
+    by_node = node_status(yaml.safe_load(done.stdout))
+    assert all(by_node[n]["phase"] == "Successful" for n in names), by_node
+    for node in nodes:
+        ran = jobs(node, "killed")
+        assert len(ran) == 1 and ran[0][1] == "succeeded", (node.name, ran)
+
+
 def test_confirmation_and_signed_commands(tmp_path: Path, fleet: Fleet,
                                           nodes: list[FaultNode]) -> None:
     key = Ed25519PrivateKey.generate()

@@ -28,6 +28,7 @@ from agent.ctl.settings import DEFAULT_CONFIG, CtlSettings, load_settings
 from agent.ctl.store import Store, now
 from agent.ctl.view import Live, dump_status, summary
 from agent.errors import AgentError, Busy, ManifestError, TransientError
+from agent.faults import fault_point
 from agent.logs import setup_logging
 from agent.versions import check_name
 
@@ -186,6 +187,7 @@ async def _drive(settings: CtlSettings, store: Store, args: argparse.Namespace) 
             store.create_job(spec.name, operation, raw.decode(),
                              history, nodes=[(c.name, c.phase, c.reason) for c in chosen],
                              now=now())
+            fault_point("ctl:created")
         else:
             row = store.job_row(args.job)
             spec, operation, history = _stored_spec(store, args.job), row["operation"], \

@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 from agent.ctl.settings import CtlSettings
 from agent.ctl.store import Store, now
 from agent.errors import AgentError, TransientError
+from agent.faults import fault_point
 from agent.tls import check_tls_files, client_context
 from agent.transport.acks import PublishAcks
 
@@ -126,7 +127,8 @@ class Link:
             batch = [first]
             while len(messages) and len(batch) < BATCH:
                 batch.append(await anext(messages))
-            self._take(batch)
+            if self._take(batch):
+                fault_point("ctl:taken")  # committed, not acked: the broker sends them again
             if client is self._client:
                 for message in batch:
                     if message.qos > 0:
@@ -134,7 +136,7 @@ class Link:
             self.on_change()
         raise aiomqtt.MqttError("message stream ended")
 
-    def _take(self, batch: list[aiomqtt.Message]) -> None:
+    def _take(self, batch: list[aiomqtt.Message]) -> bool:
         """Commit messages to the store before their acks; a bad one is logged and dropped.
         A failed commit raises: nothing is acked, and the broker delivers them again."""
         items: list[tuple[str, str, dict[str, Any]]] = []
@@ -159,6 +161,7 @@ class Link:
                 self._last_presence = time.monotonic()
         if items:
             self.store.record_batch(items, now())
+        return any(leaf == "status" for leaf, _, _ in items)  # reports were committed
 
     async def pump(self) -> None:
         """Send the commands other processes queued in the store (``confirm`` while

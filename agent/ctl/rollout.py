@@ -35,6 +35,7 @@ from agent.ctl.manifest import JobSpec
 from agent.ctl.model import JobPhase, JobView, NodePhase
 from agent.ctl.store import Store, now
 from agent.errors import AgentError, ManifestError, TransientError
+from agent.faults import fault_point
 from agent.timeouts import within
 
 log = structlog.get_logger("agent.ctl")
@@ -197,9 +198,12 @@ class Rollout:
             if slots > 0 and counts[NodePhase.PENDING]:
                 # Committed before the commands leave: a crash now means a resend.
                 self.store.mark_dispatched(name, self.store.pending(name, slots), t)
+                fault_point("ctl:dispatched")
         unsent = [n for n in self.store.heard_at(name) if n not in self.sent]
         for i in range(0, len(unsent), SEND_BATCH):
             await asyncio.gather(*(self._send(n) for n in unsent[i:i + SEND_BATCH]))
+        if unsent:
+            fault_point("ctl:sent")
         return self.store.counts(name)
 
     async def _send(self, node: str) -> None:
