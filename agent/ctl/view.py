@@ -26,8 +26,11 @@ COLUMNS = ("NODE", "PHASE", "FROM", "TO", "LAST ACTION", "ELAPSED", "REASON")
 def elapsed(node: NodeView, at: float) -> str:
     if node.dispatched_at is None:
         return "-"
-    seconds = int((node.finished_at or at) - node.dispatched_at)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    span = (node.finished_at or at) - node.dispatched_at
+    seconds = int(span)
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{span:.1f}s" if span < 10 else f"{seconds}s"
 
 
 def row(node: NodeView, at: float) -> tuple[str, ...]:
