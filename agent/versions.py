@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
+from agent.config_reader import show
 from agent.errors import InvalidCommand, PrecheckFailed
 
 # ASCII only, everywhere: Python's \d and int() also take full-width and
@@ -79,8 +80,9 @@ class Version:
 
 
 def _quote(value: object, limit: int = 80) -> str:
-    """Quote a rejected value for a reason, cut so a hostile value cannot bloat reports."""
-    text = repr(value)
+    """Quote a rejected value for a reason, cut so a hostile value cannot bloat reports
+    (a bounded repr: a YAML alias bomb's whole repr would take minutes)."""
+    text = repr(value) if isinstance(value, str) else show(value)
     return text if len(text) <= limit else text[:limit] + "…"
 
 

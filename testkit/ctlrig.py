@@ -29,7 +29,9 @@ def ctl_config(work: Path, pki: Pki, broker: Broker, **controller: Any) -> Path:
                  "cert_file": str(cert), "key_file": str(key),
                  "reconnect_min_seconds": 0.2, "reconnect_max_seconds": 1},
         "controller": {"client_id": CTL_IDENTITY, "state_dir": str(work / "ctl"),
-                       "presence_settle_seconds": 0.5, "tick_seconds": 0.2, **controller},
+                       "presence_settle_seconds": 0.5, "tick_seconds": 0.2,
+                       # The tests' timeouts are the manifest's own, to the second.
+                       "timeout_grace_seconds": 0, **controller},
     }
     path = work / "ctl.yaml"
     path.write_text(yaml.safe_dump(data))

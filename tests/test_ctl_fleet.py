@@ -284,7 +284,7 @@ def test_confirmation_and_signed_commands(tmp_path: Path, fleet: Fleet,
                60, f"parked ({apply.errors()[-2000:]})")
     confirmed = run_ctl(config, "confirm", "gated")
     assert confirmed.returncode == 0, confirmed.stderr
-    assert "confirmed gated on gate-1" in confirmed.stdout
+    assert "confirm for gated sent to gate-1" in confirmed.stdout
     assert apply.wait() == 0, apply.errors()
     assert node_status(apply.status())["gate-1"]["phase"] == "Successful"
     assert jobs(nodes[0], "gated")[0][1] == "succeeded"

@@ -13,21 +13,21 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent.ctl.lease import Lease
-from agent.ctl.link import Link
+from agent.ctl.link import BrokerUnreachable, Link
 from agent.ctl.manifest import JobSpec, parse_manifest, read_manifest
 from agent.ctl.model import JobPhase, JobView, NodePhase
 from agent.ctl.rollout import Rollout, command_for, new_history_id, select_nodes
 from agent.ctl.settings import DEFAULT_CONFIG, CtlSettings, load_settings
 from agent.ctl.store import Store, now
-from agent.ctl.view import Live, dump_status, summary
-from agent.errors import AgentError, Busy, ManifestError, TransientError
+from agent.ctl.view import Live, dump_status, status_document, summary, table
+from agent.errors import AgentError, Busy, ConfigError, ManifestError, TransientError
 from agent.faults import fault_point
 from agent.logs import setup_logging
 from agent.versions import check_name
@@ -89,7 +89,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.cmd == "report":
             from agent.ctl.report_html import write_html  # noqa: PLC0415 (plotly, on demand)
 
-            write_html(_stored_view(store, args.job), args.html)
+            try:
+                write_html(_stored_view(store, args.job), args.html)
+            except ImportError:
+                raise ConfigError("report --html needs plotly: pip install "
+                                  "'edge-upgrade-agent[ctl]'") from None
+            except OSError as exc:
+                raise ConfigError(f"cannot write {args.html}: {exc.strerror or exc}") from None
             print(f"wrote {args.html}")
             return 0
         if args.cmd == "confirm":
@@ -134,10 +140,17 @@ async def _connected(settings: CtlSettings, store: Store,
     pump = asyncio.ensure_future(link.pump())
     try:
         waiter = asyncio.ensure_future(link.settled.wait())
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED,
+                                     timeout=settings.connect_timeout_seconds)
         if task in done:
             waiter.cancel()
             task.result()  # raises the configuration error that ended it
+        if not done:
+            waiter.cancel()
+            m = settings.mqtt
+            raise BrokerUnreachable(
+                f"no connection to the broker {m.host}:{m.port} within "
+                f"{settings.connect_timeout_seconds:g}s: {link.last_error or 'no answer'}")
         yield link
     finally:
         for t in (task, pump):
@@ -145,24 +158,62 @@ async def _connected(settings: CtlSettings, store: Store,
         await asyncio.gather(task, pump, return_exceptions=True)
 
 
-def _take_lease(settings: CtlSettings) -> Lease:
-    lease = Lease(settings.state_dir)
-    if not lease.try_take():
-        raise Busy(f"another edge-upgrade-ctl (pid {lease.holder()}) holds the broker link of "
-                   f"{settings.client_id}: wait for it, or run this job under another "
-                   "identity (its own certificate, client_id and state_dir)")
-    return lease
+@dataclass(frozen=True)
+class Plan:
+    """What a job command will run, settled before the broker is touched: a bad
+    manifest or signing key fails at once, and no job is stored half-started."""
+
+    spec: JobSpec
+    operation: str
+    manifest: str = ""       # for a new job: the text to store
+    history_id: str = ""     # for a stored job
+
+
+def _plan(store: Store, args: argparse.Namespace) -> Plan:
+    if args.cmd in ("apply", "prepull"):
+        raw = read_manifest(args.filename)
+        spec = parse_manifest(raw, str(args.filename))
+        if args.cmd == "prepull":
+            spec = replace(spec, name=check_name("job name", f"{spec.name}-prepull"))
+        store.job_absent(spec.name)
+        return Plan(spec, "upgrade" if args.cmd == "apply" else "prepull", raw.decode())
+    row = store.job_row(args.job)
+    return Plan(_stored_spec(store, args.job), row["operation"], history_id=row["history_id"])
 
 
 async def _run_job(settings: CtlSettings, store: Store, args: argparse.Namespace) -> int:
-    lease = _take_lease(settings)
+    plan = _plan(store, args)
+    signer = _signer(settings)
+    for warning in plan.spec.warnings if plan.manifest else ():
+        print(f"warning: {warning}", file=sys.stderr)
+    lease = Lease(settings.state_dir, settings.client_id)
+    if not lease.try_take():
+        if args.cmd == "watch":  # the holder keeps the store current: follow it there
+            return await _watch_store(store, plan.spec, args.quiet, settings.tick_seconds)
+        raise Busy(f"another edge-upgrade-ctl (pid {lease.holder()}) holds the broker link of "
+                   f"{settings.client_id}: wait for it, or run this job under another "
+                   "identity (its own certificate and client_id)")
     try:
-        return await _drive(settings, store, args)
+        return await _drive(settings, store, args, plan, signer)
     finally:
         lease.release()
 
 
-async def _drive(settings: CtlSettings, store: Store, args: argparse.Namespace) -> int:
+async def _watch_store(store: Store, spec: JobSpec, quiet: bool, tick: float) -> int:
+    live = Live(sys.stderr, quiet=quiet)
+    while True:
+        view = store.view(spec.name, events=False, spec_fields=_fields(spec))
+        live(view)
+        if view.phase.final:
+            break
+        await asyncio.sleep(tick)
+    view = store.view(spec.name, spec_fields=_fields(spec))
+    print(dump_status(view, spec.api_version), end="")
+    return 0 if view.phase is JobPhase.COMPLETED else 1
+
+
+async def _drive(settings: CtlSettings, store: Store, args: argparse.Namespace, plan: Plan,
+                 signer: Callable[[dict[str, Any]], dict[str, Any]] | None) -> int:
     # The table goes to stderr, the final status to stdout: `apply -f j.yaml > s.yaml`.
     live = Live(sys.stderr, quiet=args.quiet)
     rollout: Rollout | None = None
@@ -171,32 +222,21 @@ async def _drive(settings: CtlSettings, store: Store, args: argparse.Namespace) 
         if rollout is not None:
             rollout.poke()
 
+    spec, operation, history = plan.spec, plan.operation, plan.history_id
     async with _connected(settings, store, poke) as link:
-        if args.cmd in ("apply", "prepull"):
-            raw = read_manifest(args.filename)
-            spec = parse_manifest(raw, str(args.filename))
-            operation = "upgrade" if args.cmd == "apply" else "prepull"
-            if operation == "prepull":
-                spec = replace(spec, name=check_name("job name", f"{spec.name}-prepull"))
-            for warning in spec.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
+        if plan.manifest:
             history = new_history_id()
             chosen = select_nodes(spec, store.presence())
             if not chosen:
                 raise ManifestError(f"{spec.name}: the labelSelector matches no node")
-            store.create_job(spec.name, operation, raw.decode(),
-                             history, nodes=[(c.name, c.phase, c.reason) for c in chosen],
-                             now=now())
+            store.create_job(spec.name, operation, plan.manifest, history,
+                             nodes=[(c.name, c.phase, c.reason) for c in chosen], now=now())
             fault_point("ctl:created")
         else:
-            row = store.job_row(args.job)
-            spec, operation, history = _stored_spec(store, args.job), row["operation"], \
-                row["history_id"]
-            if JobPhase(row["phase"]).final and args.cmd == "resume":
-                print(f"job {args.job} is {row['phase']} already", file=sys.stderr)
+            store.refresh_in_flight(spec.name, now())  # the resent commands' timeout window
         rollout = Rollout(store, link, spec, operation=operation, history_id=history,
-                          signer=_signer(settings), tick=settings.tick_seconds,
-                          dispatch=args.cmd != "watch")
+                          signer=signer, tick=settings.tick_seconds,
+                          grace=settings.timeout_grace_seconds, dispatch=args.cmd != "watch")
         view = await rollout.run(None if args.quiet else live)
     print(dump_status(view, spec.api_version), end="")
     print(summary(view), file=sys.stderr)
@@ -204,7 +244,7 @@ async def _drive(settings: CtlSettings, store: Store, args: argparse.Namespace) 
 
 
 async def _get_nodes(settings: CtlSettings, store: Store, output: str) -> int:
-    lease = Lease(settings.state_dir)
+    lease = Lease(settings.state_dir, settings.client_id)
     if lease.try_take():
         try:
             async with _connected(settings, store):
@@ -235,18 +275,28 @@ def _get_jobs(store: Store, what: str, name: str | None, output: str) -> int:
             raise ManifestError("get job needs a job name")
         spec = _stored_spec(store, name)
         view = store.view(name, spec_fields=_fields(spec))
-        if output == "json":
-            from agent.ctl.view import status_document  # noqa: PLC0415
-
+        if output == "table":
+            print(summary(view))
+            for line in table(view, at=now(), width=10_000, max_rows=len(view.nodes))[1:]:
+                print(line.rstrip())
+        elif output == "json":
             print(json.dumps(status_document(view, spec.api_version), indent=2))
         else:
             print(dump_status(view, spec.api_version), end="")
         return 0
+    views = [store.view(job, events=False) for job in store.job_names()]
+    if output != "table":
+        data = [{"name": v.name, "operation": v.operation, "phase": v.phase.value,
+                 "reason": v.reason, "historyID": v.history_id, "created": _when(v.created_at),
+                 "nodes": {p.value: v.count(p) for p in NodePhase if v.count(p)}}
+                for v in views]
+        print(json.dumps(data, indent=2) if output == "json" else _yaml(data), end="\n"
+              if output == "json" else "")
+        return 0
     rows = [("JOB", "OPERATION", "PHASE", "NODES", "SUCCESSFUL", "FAILED", "CREATED")]
-    for job in store.job_names():
-        view = store.view(job, events=False)
+    for view in views:
         failed = view.count(NodePhase.FAILURE) + view.count(NodePhase.UNKNOWN)
-        rows.append((job, view.operation, view.phase.value, str(len(view.nodes)),
+        rows.append((view.name, view.operation, view.phase.value, str(len(view.nodes)),
                      str(view.count(NodePhase.SUCCESSFUL)), str(failed),
                      _when(view.created_at)))
     _print_rows(rows)
@@ -270,7 +320,7 @@ async def _confirm(settings: CtlSettings, store: Store, job: str, nodes: list[st
         body = {"schema": "edge-upgrade-agent/command/v1", "operation": "confirm",
                 "jobName": job, "nodeName": node, "historyID": row["history_id"]}
         queued[node] = store.queue_command(node, sign(body) if sign else body, now())
-    lease = Lease(settings.state_dir)
+    lease = Lease(settings.state_dir, settings.client_id)
     if lease.try_take():
         try:
             async with _connected(settings, store):
@@ -282,8 +332,9 @@ async def _confirm(settings: CtlSettings, store: Store, job: str, nodes: list[st
     failed = 0
     for node, ident in queued.items():
         error = store.outcome(ident)[1]
-        print(f"not confirmed {job} on {node}: {error}" if error
-              else f"confirmed {job} on {node}")
+        # The broker took it; the agent drops a confirm for a job that is not parked.
+        print(f"confirm for {job} refused on the way to {node}: {error}" if error
+              else f"confirm for {job} sent to {node}")
         failed += bool(error)
     return 1 if failed else 0
 

@@ -3,12 +3,12 @@
 The sample broker takes a client's certificate CN as its client id, and a
 second connection with one id takes the first one's session over: two
 ``edge-upgrade-ctl`` processes of one identity would throw each other off in
-turn. So the process that runs a job holds ``<state_dir>/link.lock`` (an
-advisory ``flock``, released by the kernel when the process dies, even by
+turn. So the process that runs a job holds ``<state_dir>/link-<client_id>.lock``
+(an advisory ``flock``, released by the kernel when the process dies, even by
 SIGKILL), and the short commands defer to it: ``confirm`` queues its commands
 in the store for the holder to send, ``get nodes`` reads the presence the
-holder keeps current. A second job at once needs a second identity
-(docs/controller.md).
+holder keeps current. A second job at once needs a second identity; the two
+may share one store (docs/controller.md).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 class Lease:
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "link.lock"
+    def __init__(self, state_dir: Path, identity: str) -> None:
+        self.path = state_dir / f"link-{identity}.lock"
         self.fd: int | None = None
 
     def try_take(self) -> bool:

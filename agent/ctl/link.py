@@ -5,9 +5,10 @@ It is the agent transport's counterpart and keeps its rules
 session (``clean_start=False``) so reports sent while the controller is down
 wait at the broker, manual acks sent only after the report is committed to the
 job store, PUBACK reason codes checked on every command, and a new client on
-every connection. Reports come in through a shared subscription
-(``$share/<group>/…/status``) so that controller replicas split them; presence
-is retained and read whole by every replica (docs/scaling.md).
+every connection. Reports come in through a plain subscription, or a shared
+one (``$share/<group>/…/status``) where ``controller.shared_group`` is set for
+replicas on a broker that checks SUBSCRIBE (docs/scaling.md); presence is
+retained and read whole.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class CommandRefused(AgentError):
     """The broker refused a command (PUBACK reason code >= 128, e.g. the ACL)."""
 
 
+class BrokerUnreachable(TransientError):
+    """No first connection within ``controller.connect_timeout_seconds`` (exit 5)."""
+
+    exit_code = 5
+
+
 class Link:
     def __init__(self, settings: CtlSettings, store: Store,
                  on_change: Callable[[], None] = lambda: None) -> None:
@@ -63,6 +70,7 @@ class Link:
         self._acks = PublishAcks()
         self._last_presence = 0.0
         self.connections = 0
+        self.last_error = ""
 
     async def run(self) -> None:
         m = self.settings.mqtt
@@ -86,8 +94,10 @@ class Link:
                     finally:
                         settle.cancel()
             except aiomqtt.MqttError as exc:
+                self.last_error = str(exc)
                 log.warning("broker connection lost", error=str(exc), retry_in_s=backoff)
             except (OSError, ssl.SSLError, ValueError) as exc:
+                self.last_error = f"TLS files: {exc}"
                 log.error("cannot load TLS files", error=str(exc), retry_in_s=backoff)
             finally:
                 self._client = None
@@ -144,9 +154,9 @@ class Link:
             topic = str(message.topic)
             raw = message.payload if isinstance(message.payload, bytes) else \
                 str(message.payload).encode()
-            node = self.settings.node_of(topic)
             leaf = topic.rsplit("/", 1)[-1]
-            if node is None or len(raw) > MAX_MESSAGE_BYTES or leaf not in LEAVES:
+            node = self.settings.node_of(topic, leaf) if leaf in LEAVES else None
+            if node is None or len(raw) > MAX_MESSAGE_BYTES:
                 log.warning("message ignored", topic=topic, bytes=len(raw))
                 continue
             try:

@@ -15,7 +15,7 @@ at the YAML again.
 
 from __future__ import annotations
 
-import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,26 @@ _SPEC_KEYS = {"version", "timeoutSeconds", "image", "imageDigestGatter", "checkI
               "requireConfirmation", "nodeNames", "labelSelector", "concurrency",
               "failureTolerate"}
 _V1ALPHA1_ONLY = {"upgradeTool"}  # Era A; "" or keadm
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice: YAML would keep the last one
+    silently, and a job's second ``version:`` must not win unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {show(key)} given twice", key_node.start_mark)
+            seen.add(key if isinstance(key, (str, int, float, bool)) else id(key_node))
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                              _StrictLoader.construct_mapping)
+TOLERATE_RE = re.compile(r"^(0|1)(\.[0-9]{1,6})?$|^\.[0-9]{1,6}$")
 
 
 @dataclass(frozen=True)
@@ -124,9 +144,13 @@ def parse_manifest(raw: bytes, where: str = "manifest") -> JobSpec:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{where}: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        docs = [d for d in yaml.safe_load_all(raw) if d is not None]
+        docs = [d for d in yaml.load_all(raw, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as exc:
         raise ManifestError(f"{where}: not YAML: {exc}".splitlines()[0]) from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ManifestError(f"{where}: unreadable YAML: nested too deeply") from None
+    except ValueError as exc:  # an integer past Python's 4300-digit limit
+        raise ManifestError(f"{where}: unreadable YAML: {str(exc)[:120]}") from None
     if len(docs) != 1:
         raise ManifestError(f"{where}: expected one NodeUpgradeJob, found {len(docs)} documents")
     doc = docs[0]
@@ -281,12 +305,10 @@ def _tolerate(spec: dict[str, Any]) -> float:
             raise ManifestError(f"spec.failureTolerate must be a string like \"0.1\", "
                                 f"not {show(raw)}")
         raw = str(raw)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ManifestError(f"spec.failureTolerate {show(raw)} is not a number") from None
-    if not math.isfinite(value) or not 0 <= value <= 1:
-        raise ManifestError(f"spec.failureTolerate {show(raw)} must be between 0 and 1")
+    # ASCII decimals only: float() would also take "0.1\u0660", " 1e-1" or "nan".
+    if not TOLERATE_RE.fullmatch(raw) or not 0 <= (value := float(raw)) <= 1:
+        raise ManifestError(f"spec.failureTolerate {show(raw)} must be a decimal between "
+                            "0 and 1, like \"0.1\"")
     return value
 
 
@@ -309,8 +331,10 @@ def _gatherer(raw: Any) -> DigestGatherer:
     if g.get("registryAPI") is not None:
         raise ManifestError("spec.imageDigestGatter.registryAPI is implemented nowhere in "
                             "KubeEdge; give the digests")
-    value = g.get("value") or None
-    per_arch = tuple((a, check_digest(d)) for a in ("amd64", "arm64") if (d := g.get(a)))
+    where = "spec.imageDigestGatter"
+    value = _typed(g, "value", str, "", where) or None
+    per_arch = tuple((a, check_digest(d)) for a in ("amd64", "arm64")
+                     if (d := _typed(g, a, str, "", where)))
     if value is not None and per_arch:
         raise ManifestError("spec.imageDigestGatter gives both value and per-arch digests")
     return DigestGatherer(check_digest(value) if value is not None else None, per_arch)

@@ -16,7 +16,7 @@ class NodePhase(str, Enum):
     SUCCESSFUL = "Successful"
     FAILURE = "Failure"        # includes a rollback that succeeded: the upgrade failed
     UNKNOWN = "Unknown"        # silent for timeoutSeconds; its slot was freed
-    SKIPPED = "Skipped"        # never dispatched (offline, failure tolerance reached)
+    SKIPPED = "Skipped"        # never dispatched: failure tolerance reached first
 
     @property
     def final(self) -> bool:

@@ -26,6 +26,7 @@ import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import structlog
@@ -128,7 +129,11 @@ def _failed(counts: dict[NodePhase, int]) -> int:
 
 
 def _over(counts: dict[NodePhase, int], tolerate: float) -> bool:
-    return round(_failed(counts) / sum(counts.values()), 2) > tolerate
+    # Decimal, half away from zero, as KubeEdge's shopspring decimal Round(2): a
+    # float round() would make 1/8 0.12 (half to even), where KubeEdge says 0.13.
+    ratio = (Decimal(_failed(counts)) / Decimal(sum(counts.values()))).quantize(
+        Decimal("0.01"), rounding=ROUND_HALF_UP)
+    return ratio > Decimal(repr(tolerate))
 
 
 class Rollout:
@@ -136,11 +141,12 @@ class Rollout:
 
     def __init__(self, store: Store, link: Link, spec: JobSpec, *, operation: str,
                  history_id: str, signer: Callable[[dict[str, Any]], dict[str, Any]] | None,
-                 tick: float, dispatch: bool = True) -> None:
+                 tick: float, grace: float = 0.0, dispatch: bool = True) -> None:
         self.store, self.link, self.spec = store, link, spec
         self.operation, self.history_id = operation, history_id
-        self.signer, self.tick, self.dispatch = signer, tick, dispatch
+        self.signer, self.tick, self.grace, self.dispatch = signer, tick, grace, dispatch
         self.sent: set[str] = set()  # commands published by this process
+        self.resent: set[str] = set()  # ... and published again, unanswered
         self.changed = asyncio.Event()
 
     def poke(self) -> None:
@@ -180,12 +186,19 @@ class Rollout:
     async def _step(self) -> dict[NodePhase, int]:
         t = now()
         name, spec = self.spec.name, self.spec
-        for node, heard in self.store.heard_at(name).items():
-            if heard is not None and t - heard > spec.timeout_seconds:
-                log.warning("node timed out", job=name, node=node, seconds=spec.timeout_seconds)
+        limit = spec.timeout_seconds + self.grace
+        for node, (heard, answered) in self.store.in_flight(name).items():
+            if heard is not None and t - heard > limit:
+                log.warning("node timed out", job=name, node=node, seconds=limit)
                 self.store.finish_node(name, node, NodePhase.UNKNOWN,
                                        f"The node task has timed out: no report for "
-                                       f"{spec.timeout_seconds}s", t)
+                                       f"{limit:g}s", t)
+            elif (heard is not None and not answered and t - heard > limit / 2
+                  and node in self.sent and node not in self.resent):
+                # Not a word since the command left: it may be lost (a broker crash
+                # within its autosave window). Once more; the agent dedupes on the key.
+                self.resent.add(node)
+                self.sent.discard(node)
         counts = self.store.counts(name)
         if counts[NodePhase.PENDING] and _over(counts, spec.failure_tolerate):
             skipped = self.store.skip_pending(
@@ -199,7 +212,7 @@ class Rollout:
                 # Committed before the commands leave: a crash now means a resend.
                 self.store.mark_dispatched(name, self.store.pending(name, slots), t)
                 fault_point("ctl:dispatched")
-        unsent = [n for n in self.store.heard_at(name) if n not in self.sent]
+        unsent = [n for n in self.store.in_flight(name) if n not in self.sent]
         for i in range(0, len(unsent), SEND_BATCH):
             await asyncio.gather(*(self._send(n) for n in unsent[i:i + SEND_BATCH]))
         if unsent:

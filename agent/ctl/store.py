@@ -125,6 +125,18 @@ class Store:
                 [(name, n, i, p.value, r, now if p.final else None)
                  for i, (n, p, r) in enumerate(nodes)])
 
+    def job_absent(self, name: str) -> None:
+        if self.db.execute("SELECT 1 FROM jobs WHERE name=?", (name,)).fetchone():
+            raise ManifestError(f"job {name} exists already: `edge-upgrade-ctl resume "
+                                f"{name}` carries it on; a new run needs a new name")
+
+    def refresh_in_flight(self, job: str, now: float) -> None:
+        """A resumed job resends its in-flight commands: their silence counts from now,
+        not from before the controller died."""
+        with self.tx() as db:
+            db.execute("UPDATE nodes SET heard_at=? WHERE job=? AND phase=?",
+                       (now, job, NodePhase.IN_PROGRESS.value))
+
     def job_row(self, name: str) -> sqlite3.Row:
         row = self.db.execute("SELECT * FROM jobs WHERE name=?", (name,)).fetchone()
         if row is None:
@@ -264,10 +276,11 @@ class Store:
         arch = json.loads(row[0]).get("arch") if row else None
         return arch if isinstance(arch, str) else None
 
-    def heard_at(self, job: str) -> dict[str, float]:
-        """In-flight nodes and when each was last heard from (or dispatched)."""
-        return {r[0]: r[1] for r in self.db.execute(
-            "SELECT node, heard_at FROM nodes WHERE job=? AND phase=?",
+    def in_flight(self, job: str) -> dict[str, tuple[float | None, bool]]:
+        """In-flight nodes: when each was last heard from (or sent its command), and
+        whether it has answered at all."""
+        return {r[0]: (r[1], r[2] != "dispatched") for r in self.db.execute(
+            "SELECT node, heard_at, last_action FROM nodes WHERE job=? AND phase=?",
             (job, NodePhase.IN_PROGRESS.value))}
 
 
@@ -289,19 +302,25 @@ def _record_report(db: sqlite3.Connection, node: str, report: dict[str, Any],
                      (name, node)).fetchone()
     if job is None or row is None or (job[0] != history and not rejected):
         return None
+    # A refusal while the node runs our command answers someone else's message.
+    rejected_other = rejected and db.execute(
+        "SELECT 1 FROM reports WHERE job=? AND node=? AND key NOT LIKE 'rejected:%' LIMIT 1",
+        (name, node)).fetchone() is not None
     fresh = db.execute("INSERT OR IGNORE INTO reports VALUES(?,?,?,?,?,?)",
                        (name, node, key, seq, json.dumps(report, sort_keys=True),
                         now)).rowcount
-    if not fresh:
-        return name  # a redelivery: at least once, deduped on the sequence
+    if not fresh or rejected_other:
+        return name  # a redelivery (at least once: deduped on the sequence), or not ours
     latest = db.execute("SELECT max(sequence) FROM reports WHERE job=? AND node=? "
                         "AND key=?", (name, node, key)).fetchone()[0]
     current = NodePhase(row[0])
     if seq < latest and not report.get("final"):
         return name  # an older report arriving late changes nothing
     final = bool(report.get("final"))
-    if current.final and current is not NodePhase.UNKNOWN:
-        return name  # kept as an event; a re-sent final (a refused cancel) changes nothing
+    if current.final and (current is not NodePhase.UNKNOWN or not final):
+        # Kept as an event. A re-sent final (a refused cancel) changes nothing, and
+        # progress after a timeout leaves the timeout's reason; only the truth does.
+        return name
     phase = current
     if final:
         phase = (NodePhase.SUCCESSFUL if report.get("state") == "Successful"

@@ -3,8 +3,10 @@ final status in NodeUpgradeJob status shape.
 
 On a TTY the table is redrawn in place (ANSI: cursor up, clear to the end)
 and trimmed to the terminal's height, in-flight nodes first, so a fleet of
-thousands still fits. Anywhere else (a pipe, CI, a log file) each change of a
-node is one line, so nothing is overwritten and the output is greppable.
+thousands still fits. Anywhere else (a pipe, CI, a log file) a node whose
+state changed since the last look gets one line, so nothing is overwritten
+and the output is greppable; the controller looks at most every 0.25 s, so a
+node that moves faster shows its latest state, not every step.
 """
 
 from __future__ import annotations
@@ -124,8 +126,9 @@ def _node_status(node: NodeView) -> dict[str, Any]:
         if event.action_flow:
             flow = event.action_flow
             break
-    # currentVersion is what the node runs now: the target only if it succeeded.
-    current = node.to_version if node.phase is NodePhase.SUCCESSFUL else node.from_version
+    # currentVersion is what the node runs now: the target only if it was upgraded
+    # (a prepull that succeeded changed nothing).
+    current = node.to_version if node.result == "upgrade_success" else node.from_version
     out: dict[str, Any] = {
         "nodeName": node.name,
         # Skipped is ours; in KubeEdge's words a node never dispatched is still Pending.
