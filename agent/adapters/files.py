@@ -50,6 +50,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file already in place durable: its data, then its directory entry."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+
+
 def ensure_dir(path: Path) -> None:
     """``mkdir -p`` whose new directories survive power loss: each parent is fsynced."""
     if not path.is_dir():

@@ -33,6 +33,7 @@ from agent.adapters.files import (
     copy_hashed,
     ensure_dir,
     fsync_dir,
+    fsync_file,
     sha256_file,
     sqlite_copy,
 )
@@ -208,7 +209,7 @@ def restore_backup(directory: Path, manifest: Manifest) -> bool:
             # Equal, but maybe only in the page cache (keadm wrote it): made durable
             # as a restored file would be. The DB is always rewritten: its -wal may
             # still hold newer pages.
-            _sync_in_place(dst)
+            fsync_file(dst)
             continue
         if e.name not in NAMES.values():
             unit_restored = True
@@ -224,15 +225,6 @@ def restore_backup(directory: Path, manifest: Manifest) -> bool:
             raise BackupError(f"restored {dst} does not match the backup checksum")
         fault_point("restore:partial")
     return unit_restored
-
-
-def _sync_in_place(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
 
 
 def list_backups(backup_root: Path) -> list[Version]:
