@@ -33,7 +33,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -695,3 +695,33 @@ def remove_image(client: docker.DockerClient, ref: str) -> None:
     """Remove (untag) ``ref`` locally, even if containers use it; absent is fine."""
     with contextlib.suppress(docker.errors.ImageNotFound):
         client.api.remove_image(ref, force=True)
+
+
+def start_or_skip(start: Callable[[], None], unavailable: type[Exception], *,
+                  require_env: str, what: str) -> None:
+    """Start an engine for a test: where it cannot run, skip the test, unless
+    ``require_env`` is ``1`` (CI installs the engine: a missing one is a failure)."""
+    import pytest  # noqa: PLC0415 (the rehearsal and the benches use this module too)
+
+    try:
+        start()
+    except unavailable as exc:
+        if os.environ.get(require_env) == "1":
+            pytest.fail(f"{what} is required here: {exc}")
+        pytest.skip(f"{what} cannot run here: {exc}")
+
+
+@contextlib.contextmanager
+def dockerd_and_registry(work: Path,
+                         users: Mapping[str, str]) -> Iterator[tuple[Dockerd, Registry]]:
+    """A private dockerd and an htpasswd registry for one test module, stopped after."""
+    dockerd = Dockerd(work / "dockerd")
+    start_or_skip(dockerd.start, DockerUnavailable, require_env="EDGE_TEST_REQUIRE_DOCKERD",
+                  what="a container engine")
+    registry = Registry(work / "registry", dict(users))
+    try:
+        registry.start()
+        yield dockerd, registry
+    finally:
+        registry.stop()
+        dockerd.stop()

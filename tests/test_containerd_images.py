@@ -35,7 +35,7 @@ from agent.config import Images, RegistryAuth, parse_config
 from agent.errors import AgentError, FatalError
 from agent.versions import parse_image
 from testkit.containerdenv import Containerd, ContainerdUnavailable, image_status
-from testkit.dockerenv import Registry
+from testkit.dockerenv import Registry, start_or_skip
 from testkit.oci import Pusher, image, layer, package
 
 USER, PASSWORD = "edge", "c0ntainerd-s3cret"
@@ -78,12 +78,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("ctd")
     containerd = Containerd(workdir / "containerd")
-    try:
-        containerd.start()
-    except ContainerdUnavailable as exc:
-        if os.environ.get(REQUIRE) == "1":
-            pytest.fail(f"containerd is required here: {exc}")
-        pytest.skip(f"containerd cannot run here: {exc}")
+    start_or_skip(containerd.start, ContainerdUnavailable, require_env=REQUIRE, what="containerd")
     registry = Registry(workdir / "registry", {USER: PASSWORD})
     registry.start()
     try:

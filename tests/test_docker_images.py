@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import threading
 import time
@@ -24,9 +23,9 @@ from agent.retry import retry_transient
 from agent.versions import parse_image
 from testkit.dockerenv import (
     Dockerd,
-    DockerUnavailable,
     Registry,
     build_package_image,
+    dockerd_and_registry,
     push,
     remove_image,
 )
@@ -78,23 +77,11 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("docker")
-    dockerd = Dockerd(work / "dockerd")
-    try:
-        dockerd.start()
-    except DockerUnavailable as exc:
-        if os.environ.get("EDGE_TEST_REQUIRE_DOCKERD"):
-            raise  # CI installs docker.io: there a missing engine is a failure
-        pytest.skip(f"no container engine can run here: {exc}")
-    registry = Registry(work / "registry", {USER: PASSWORD})
-    try:
-        registry.start()
+    with dockerd_and_registry(work, {USER: PASSWORD}) as (dockerd, registry):
         e = Env(dockerd, registry, work)
         e.publish("v1.13.0")
         e.publish("v1.13.0", repo="kubeedge/crafted", symlinks={KEADM: "/etc/passwd"})
         yield e
-    finally:
-        registry.stop()
-        dockerd.stop()
 
 
 def ref_of(text: str) -> Any:

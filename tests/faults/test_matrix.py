@@ -34,9 +34,9 @@ from testkit.broker import Broker
 from testkit.cloud import Cloud
 from testkit.dockerenv import (
     Dockerd,
-    DockerUnavailable,
     Registry,
     build_package_image,
+    dockerd_and_registry,
     push,
     remove_image,
 )
@@ -243,16 +243,7 @@ class Engine:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     work = tmp_path_factory.mktemp("engine")
-    dockerd = Dockerd(work / "dockerd")
-    try:
-        dockerd.start()
-    except DockerUnavailable as exc:
-        if os.environ.get("EDGE_TEST_REQUIRE_DOCKERD"):
-            raise
-        pytest.skip(f"no container engine can run here: {exc}")
-    registry = Registry(work / "registry", {REGISTRY_USER: REGISTRY_PASSWORD})
-    try:
-        registry.start()
+    with dockerd_and_registry(work, {REGISTRY_USER: REGISTRY_PASSWORD}) as (dockerd, registry):
         repo = f"{registry.address}/{IMAGE_REPO}"
         client = dockerd.client()
         # The failure path's states need a package whose edgecore crashes.
@@ -265,9 +256,6 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         password = work / "registry-password"
         password.write_text(REGISTRY_PASSWORD + "\n")
         yield Engine(dockerd, registry, repo, password)
-    finally:
-        registry.stop()
-        dockerd.stop()
 
 
 def registry_down(cell: Cell, repo: str, engine: Engine) -> None:
