@@ -65,6 +65,27 @@ CREATE TABLE IF NOT EXISTS seen(
 ReportFn = Callable[[Job], dict[str, Any]]
 
 
+@contextmanager
+def immediate(db: sqlite3.Connection, what: str) -> Iterator[sqlite3.Connection]:
+    """One write transaction (BEGIN IMMEDIATE … COMMIT) on an autocommit connection;
+    any SQLite error becomes a JournalError starting with ``what``."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        # A failed COMMIT (disk full) may leave the transaction open, and every
+        # later BEGIN would fail on this connection even once space is back.
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise JournalError(f"{what}: {exc}") from None
+
+
 def _row_to_job(row: sqlite3.Row) -> Job:
     actions = tuple(
         ActionStatus(Action(a["action"]), a["succ"], a["reason"], a["finishTime"], a["extend"])
@@ -106,23 +127,8 @@ class Journal:
     def close(self) -> None:
         self.db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # A failed COMMIT (disk full) may leave the transaction open, and every
-            # later BEGIN would fail on this connection even once space is back.
-            if self.db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    self.db.execute("ROLLBACK")
-            raise JournalError(f"journal write failed: {exc}") from None
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate(self.db, "journal write failed")
 
     def get(self, key: str) -> Job | None:
         row = self.db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()

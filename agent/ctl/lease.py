@@ -13,27 +13,24 @@ may share one store (docs/controller.md).
 
 from __future__ import annotations
 
-import fcntl
-import os
 from pathlib import Path
+
+from agent.errors import Busy
+from agent.locks import JobLock
 
 
 class Lease:
+    """The agent's job lock (``agent.locks.JobLock``) on the link of one identity."""
+
     def __init__(self, state_dir: Path, identity: str) -> None:
-        self.path = state_dir / f"link-{identity}.lock"
-        self.fd: int | None = None
+        self.lock = JobLock(state_dir / f"link-{identity}.lock")
+        self.path = self.lock.path
 
     def try_take(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self.lock.acquire()
+        except Busy:
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
         return True
 
     def holder(self) -> str:
@@ -43,6 +40,4 @@ class Lease:
             return "?"
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.lock.release()

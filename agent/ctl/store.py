@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from agent.ctl.model import Action, JobPhase, JobView, NodePhase, NodeView, ReportEvent
 from agent.errors import JournalError, ManifestError
+from agent.journal import immediate
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
@@ -92,20 +92,8 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise JournalError(f"job store: {exc}") from None
+    def tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return immediate(self.db, "job store")
 
     # -- jobs ------------------------------------------------------------------
 
