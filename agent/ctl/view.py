@@ -144,6 +144,11 @@ def _node_status(node: NodeView) -> dict[str, Any]:
     return out
 
 
+# libyaml's dumper where PyYAML has it: the same text, and 11.2 s -> 3.5 s for the
+# status of 10,000 nodes (bench/fleet.py).
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def dump_status(view: JobView, api_version: str) -> str:
-    return yaml.safe_dump(status_document(view, api_version), sort_keys=False, width=100,
-                          allow_unicode=True)
+    return yaml.dump(status_document(view, api_version), Dumper=_DUMPER, sort_keys=False,
+                     width=100, allow_unicode=True)
