@@ -12,7 +12,10 @@ as the real steps allow:
   log says the target version.
 - **keadm**: the package's keadm is ``sh`` that writes the new edgecore into
   place and ``exec sleep <install seconds>``; the runner starts it as any
-  keadm (own session, deadline, log).
+  keadm (own session, deadline, log). It stands in for keadm's duration only,
+  not its CLI (it ignores its argv, keeps no backup or lock file): the tests'
+  stand-ins in ``testkit/standins``, held against the real binaries by
+  ``tests/test_standins.py``, are the ones that imitate keadm.
 - **the connection**: a few shared MQTT v5 connections with mutual TLS
   ("gateways", CN ``fleet-gw-<i>``, granted every node's topics by the bench
   ACL). A node's commands come on its own ``cmd`` topic (one subscription per

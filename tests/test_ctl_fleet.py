@@ -25,6 +25,7 @@ from testkit.broker import Broker
 from testkit.cloud import Cloud
 from testkit.ctlrig import Ctl, ctl_config, run_ctl, start_nodes
 from testkit.faultrig import NEW, OLD, FaultNode, Fleet, sha256, wait_until
+from testkit.fleet_sim import max_overlap
 from testkit.pki import Pki
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "examples" / "nodeupgradejob.yaml"
@@ -58,15 +59,6 @@ def jobs(node: FaultNode, name: str) -> list[tuple[str, str, float, float]]:
     """(key, state, created, updated) of the node's jobs of that name, from its journal."""
     return [(str(k), str(s), float(c), float(u)) for k, s, c, u in node.journal(
         "SELECT key, state, created_at, updated_at FROM jobs WHERE key LIKE ?", f"{name}/%")]
-
-
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    edges = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
-    most = now = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
 
 
 def node_status(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
