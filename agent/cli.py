@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 from agent import lean
 
 # First, before the imports below load any of them (structlog imports uuid, for
-# one): the idle daemon never uses the modules lean.DEFERRED names (issue 10).
+# one): the idle daemon never uses the modules lean.DEFERRED names, nor the
+# Unicode half of the idna codec (issue 10).
 lean.defer_imports()
+lean.ascii_idna()
 
 from agent import __version__, metrics  # noqa: E402
 from agent.config import DEFAULT_CONFIG, Config, check_daemon_files, load_config  # noqa: E402
@@ -99,15 +101,43 @@ class Output:
             print(f"error: {exc.reason}", file=sys.stderr)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own, sized without ``shutil``: argparse imports it (and zlib,
+    0.25 MiB) for the terminal width whenever a parser is built, and the idle
+    daemon parses its argv (issue 10). The width rule is shutil's."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_columns() - 2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)  # subparsers are of this class too
+
+
+def _columns() -> int:
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):  # no stdout (None), or not a terminal
+            columns = 0
+    return columns if columns > 0 else 80
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-upgrade-agent", description=__doc__.split("\n")[0])
+    p = _Parser(prog="edge-upgrade-agent", description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="agent YAML config")
     p.add_argument("--root", type=Path, help="directory standing in for / (overrides paths.root)")
     p.add_argument("--output", choices=("text", "json"), default="text")
     p.add_argument("--version", action="version", version=f"edge-upgrade-agent {__version__}")
     # The global options are accepted after the command too (`run --config F`),
     # as operators and unit files write them; SUPPRESS keeps the top-level value.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     common.add_argument("--root", type=Path, default=argparse.SUPPRESS)
     common.add_argument("--output", choices=("text", "json"), default=argparse.SUPPRESS)

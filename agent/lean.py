@@ -7,6 +7,12 @@ attributes (read, write or delete) imports the real module, puts it back in
 that code we do not own imports at module level but uses only on rare paths;
 our own code imports such modules inside the function that needs them.
 
+``ascii_idna()`` answers the ``idna`` codec for plain ASCII host names
+without ``encodings.idna``, which imports ``stringprep`` and ``unicodedata``
+(0.35 MiB) for the Unicode names a broker's host name never has; every other
+input goes to the real codec. ``socket.getaddrinfo`` and ``ssl`` encode every
+host name with ``idna``, so a broker connection loads it otherwise.
+
 ``release_memory()`` gives the free pages of the C heap back to the kernel
 (glibc's ``malloc_trim``): memory freed after start-up or a job stays
 resident otherwise, above all in the malloc arenas of worker threads.
@@ -15,13 +21,17 @@ resident otherwise, above all in the malloc arenas of worker threads.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import importlib
 import importlib.util
 import sys
 import threading
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 # What the idle daemon would load only because another module imports it at
 # module level (measured with bench/idle_rss.py; docs/performance.md):
@@ -34,7 +44,12 @@ from typing import Any
 #   learn whether they exist; tarfile imports them itself when it needs them.
 # - uuid (0.15 MiB): structlog.threadlocal (a deprecated module structlog
 #   imports anyway) and agent/messages/kubeedge.py call it, on a message.
-DEFERRED = ("urllib.request", "bz2", "lzma", "uuid")
+# - tarfile and shutil (with zlib, grp and pwd: 0.35 MiB): the docker and
+#   containerd backends extract and clean up with them in a job, but the
+#   config imports a configured backend's module at start to parse its
+#   settings. (argparse imports shutil for the terminal width whenever a parser
+#   is built: agent/cli.py's formatter asks os instead.)
+DEFERRED = ("urllib.request", "bz2", "lzma", "uuid", "tarfile", "shutil")
 # Deferred only if their C part exists: a Python built without it must go on
 # telling shutil that bz2 or lzma is missing.
 _NEEDS = {"bz2": "_bz2", "lzma": "_lzma"}
@@ -108,6 +123,60 @@ def defer_imports() -> None:
     for name in DEFERRED:
         if name not in _NEEDS or importlib.util.find_spec(_NEEDS[name]) is not None:
             defer_import(name)
+
+
+def ascii_idna() -> None:
+    """Serve ``idna`` for ASCII host names before the standard codec is asked.
+
+    Only in front of ``encodings.search_function`` (Python's own codecs) can a
+    search function answer a name the standard library also knows, hence the
+    unregister and register again. A no-op once done, and too late (harmless)
+    if something looked ``idna`` up before: the interpreter caches a lookup.
+    """
+    import encodings  # noqa: PLC0415 (loaded at interpreter start anyway)
+
+    if _idna_search in _registered:
+        return
+    codecs.unregister(encodings.search_function)
+    codecs.register(_idna_search)
+    codecs.register(encodings.search_function)
+    _registered.append(_idna_search)
+
+
+def _idna_search(name: str) -> codecs.CodecInfo | None:
+    return _IDNA if name == "idna" else None
+
+
+def _idna_encode(text: str, errors: str = "strict") -> tuple[bytes, int]:
+    # encodings.idna's own ASCII fast path, taken only where it succeeds: an
+    # error, or any non-ASCII name, is the real codec's to raise or to map.
+    if errors == "strict" and text.isascii():
+        labels = text.split(".")
+        if all(0 < len(label) < 64 for label in labels[:-1]) and len(labels[-1]) < 64:
+            return text.encode("ascii"), len(text)
+    return _real_idna().Codec().encode(text, errors)  # type: ignore[no-any-return]
+
+
+def _idna_decode(data: Buffer, errors: str = "strict") -> tuple[str, int]:
+    return _real_idna().Codec().decode(data, errors)  # type: ignore[no-any-return]
+
+
+def _real_idna() -> types.ModuleType:
+    import encodings.idna  # noqa: PLC0415 (the point: only for a name that needs it)
+
+    return encodings.idna
+
+
+_IDNA = codecs.CodecInfo(
+    name="idna",
+    encode=_idna_encode,
+    decode=_idna_decode,
+    incrementalencoder=lambda errors="strict": _real_idna().IncrementalEncoder(errors),
+    incrementaldecoder=lambda errors="strict": _real_idna().IncrementalDecoder(errors),
+    streamwriter=lambda stream, errors="strict": _real_idna().StreamWriter(stream, errors),
+    streamreader=lambda stream, errors="strict": _real_idna().StreamReader(stream, errors),
+)
+_registered: list[Callable[[str], codecs.CodecInfo | None]] = []
 
 
 def release_memory() -> None:

@@ -37,7 +37,6 @@ from typing import IO, TYPE_CHECKING
 
 from agent.adapters.credentials import registry_auth
 from agent.adapters.docker_images import MAX_EXTRACT_BYTES
-from agent.adapters.files import fsync_dir
 from agent.adapters.images import EDGECORE, KEADM, ImageInfo, Progress
 from agent.adapters.registry import (
     CHUNK,
@@ -264,7 +263,7 @@ class ContainerdImageBackend:
         if job.pending():
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        fsync_dir(tmp)
+        _fsync_dir(tmp)
         tmp.rename(cache)
 
     async def extract(self, ref: ImageRef, files: list[str], dest: Path) -> dict[str, Path]:
@@ -304,7 +303,7 @@ class ContainerdImageBackend:
         missing = [name for name in files if name not in job.found]
         if missing:
             raise FatalError(f"image {ref} has no regular file {', '.join(missing)}")
-        fsync_dir(dest)
+        _fsync_dir(dest)
         return job.found
 
 
@@ -365,9 +364,17 @@ def _move_all(cache: Path, files: list[str], dest: Path) -> dict[str, Path]:
         target = dest / Path(name).name
         os.replace(cache / Path(name).name, target)  # the state dir: one filesystem
         out[name] = target
-    fsync_dir(dest)
+    _fsync_dir(dest)
     shutil.rmtree(cache, ignore_errors=True)
     return out
+
+
+def _fsync_dir(path: Path) -> None:
+    # agent/adapters/files.py in a job only: the config imports this module at
+    # start whenever containerd is configured (issue 10).
+    from agent.adapters.files import fsync_dir  # noqa: PLC0415
+
+    fsync_dir(path)
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

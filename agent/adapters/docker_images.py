@@ -15,14 +15,12 @@ import asyncio
 import contextlib
 import io
 import os
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.adapters.credentials import registry_auth
-from agent.adapters.files import fsync_dir
 from agent.adapters.images import ImageInfo, Progress
 from agent.adapters.registry import RegistryClient, node_platform
 from agent.config_reader import Section, optional_path
@@ -236,6 +234,10 @@ class DockerImageBackend:
         No temporary copy of the archive: keadm and edgecore are 70 MB each, and
         the package's extraction sits in the upgrade's critical path.
         """
+        import tarfile  # noqa: PLC0415 (tarfile, and files' hashing: a job's, not idle, issue 10)
+
+        from agent.adapters.files import fsync_dir  # noqa: PLC0415
+
         stream, _ = self._call(container.get_archive, name)
         base = Path(name).name
         target, tmp = dest / base, dest / f".{base}.eua-tmp"

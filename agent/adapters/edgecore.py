@@ -31,7 +31,6 @@ from typing import Any
 
 import yaml
 
-from agent.adapters.files import sha256_file
 from agent.adapters.procfs import started_at
 from agent.adapters.service import ServiceManager
 from agent.config import Config
@@ -182,7 +181,7 @@ class EdgecoreProbe:
     async def from_package(self) -> Version | None:
         try:
             sha = await asyncio.to_thread(
-                self._cache.get, "sha256", self.files().binary, lambda p: sha256_file(p).sha256)
+                self._cache.get, "sha256", self.files().binary, _sha256)
         except OSError:
             return None
         text = self.known_sha(sha)
@@ -240,14 +239,23 @@ def running_sha256(pid: int) -> str | None:
             key = (pid, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
             if key not in _RUNNING:
                 _RUNNING.clear()
-                _RUNNING[key] = sha256_file(proc / "exe").sha256
+                _RUNNING[key] = _sha256(proc / "exe")
             return _RUNNING[key]
         # The start time is known to a second (btime), hence the margin.
         if program.stat().st_ctime > started_at(pid) + 1.0:
             return None  # replaced after start: the process runs something older
-        return sha256_file(program).sha256
+        return _sha256(program)
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _sha256(path: Path) -> str:
+    # agent/adapters/files.py (hashlib, mmap, a thread pool) only once a hash
+    # is wanted: an idle daemon that found its version in edgecore's log never
+    # needs it (issue 10).
+    from agent.adapters.files import sha256_file  # noqa: PLC0415
+
+    return sha256_file(path).sha256
 
 
 def _elf_machine(path: Path) -> bytes:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from agent.adapters.files import atomic_install
 from agent.errors import FatalError
 from agent.versions import ImageRef
 
@@ -115,6 +114,8 @@ class LocalDirImageBackend:
         return info
 
     async def extract(self, ref: ImageRef, files: list[str], dest: Path) -> dict[str, Path]:
+        from agent.adapters.files import atomic_install  # noqa: PLC0415 (a job's, issue 10)
+
         tree = self._dir(ref)
         out: dict[str, Path] = {}
         dest.mkdir(parents=True, exist_ok=True)

@@ -24,21 +24,24 @@ sha256 verified.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
 import re
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import FatalError, TransientError
 from agent.versions import ImageRef
+
+if TYPE_CHECKING:
+    import urllib.error
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -130,15 +133,22 @@ def pick_platform(index: Any, platform: Platform) -> Descriptor:
                      f"{', '.join(o for o in offered if o) or 'none'})")
 
 
-class _NoAuthOnRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(  # noqa: PLR0917 (urllib's signature)
-            self, req: urllib.request.Request, fp: Any, code: int, msg: str,
-                         headers: Any, newurl: str) -> urllib.request.Request | None:
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != \
-                urllib.parse.urlsplit(req.full_url).netloc:
-            new.remove_header("Authorization")
-        return new
+@functools.cache
+def _no_auth_on_redirect() -> type[urllib.request.HTTPRedirectHandler]:
+    # Made on the first pull: a subclass at import would load urllib.request
+    # (with http.client and email, 1.4 MiB; agent/lean.py defers it) in every
+    # idle daemon that merely has a registry backend configured (issue 10).
+    class NoAuthOnRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(  # noqa: PLR0917 (urllib's signature)
+                self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                             headers: Any, newurl: str) -> urllib.request.Request | None:
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None and urllib.parse.urlsplit(newurl).netloc != \
+                    urllib.parse.urlsplit(req.full_url).netloc:
+                new.remove_header("Authorization")
+            return new
+
+    return NoAuthOnRedirect
 
 
 class RegistryClient:
@@ -158,11 +168,14 @@ class RegistryClient:
         self.auth = auth or None
         self.timeout = timeout
         self._header: str | None = None  # the Authorization that worked
-        self._opener = urllib.request.build_opener(_NoAuthOnRedirect())
+        self._opener = urllib.request.build_opener(_no_auth_on_redirect()())
 
     # -- requests -------------------------------------------------------------
 
     def _open(self, url: str, accept: str | None = None) -> Any:
+        # Here, not at import: with tempfile and random, a pull's (issue 10).
+        from urllib.error import HTTPError, URLError  # noqa: PLC0415
+
         for attempt in (1, 2):
             headers = {"Accept": accept} if accept else {}
             if self._header:
@@ -170,12 +183,12 @@ class RegistryClient:
             req = urllib.request.Request(url, headers=headers)  # noqa: S310 (http/https only)
             try:
                 return self._opener.open(req, timeout=self.timeout)
-            except urllib.error.HTTPError as exc:
+            except HTTPError as exc:
                 if exc.code == 401 and attempt == 1:
                     self._authenticate(exc.headers.get("WWW-Authenticate", ""))
                     continue
                 raise self._error(exc) from None
-            except (urllib.error.URLError, OSError) as exc:
+            except (URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise TransientError(f"registry unreachable: {reason}"[:240]) from None
         raise FatalError("registry refused the credentials (401 after authenticating)")
@@ -226,12 +239,14 @@ class RegistryClient:
         url = f"{realm}?{urllib.parse.urlencode(query)}"
         headers = {"Authorization": basic} if (basic := self._basic()) else {}
         req = urllib.request.Request(url, headers=headers)  # noqa: S310 (scheme checked)
+        from urllib.error import HTTPError, URLError  # noqa: PLC0415 (see _open)
+
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
                 body = json.loads(resp.read(MAX_MANIFEST_BYTES))
-        except urllib.error.HTTPError as exc:
+        except HTTPError as exc:
             raise self._error(exc) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (URLError, OSError, ValueError) as exc:
             raise TransientError(f"token service unreachable: {exc}"[:240]) from None
         token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -99,6 +98,8 @@ class Command:
 
 
 def new_job_name(prefix: str = "cli") -> str:
+    import secrets  # noqa: PLC0415 (random and hmac: not for an idle daemon, issue 10)
+
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 

@@ -21,7 +21,6 @@ import base64
 import json
 import math
 import re
-import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,6 +109,8 @@ def sign(
             raise InvalidCommand(f"command already has the reserved field {name!r}")
     if not (math.isfinite(ttl_seconds) and ttl_seconds > 0):
         raise InvalidCommand(f"bad ttl {ttl_seconds!r}: expected a positive number of seconds")
+    import secrets  # noqa: PLC0415 (signing is the controller's; an idle agent only verifies)
+
     # 16 random bytes → 22 url-safe characters: unguessable and within COMMAND_ID_RE.
     cid = secrets.token_urlsafe(16) if command_id is None else command_id
     if not COMMAND_ID_RE.fullmatch(cid):

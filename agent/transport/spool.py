@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.adapters.files import atomic_write, ensure_dir
 from agent.transport.base import Inbound, Presence
 
 if TYPE_CHECKING:
@@ -58,6 +57,10 @@ class SpoolTransport:
         self.outbox_dir = outbox_dir
         self.poll_interval = poll_interval
         self.max_bytes = max_bytes
+        # agent/adapters/files.py only once this transport is used: config.py
+        # imports this module for SpoolSettings in every daemon (issue 10).
+        from agent.adapters.files import ensure_dir  # noqa: PLC0415
+
         spool_dir.mkdir(parents=True, exist_ok=True)
         ensure_dir(outbox_dir)  # reports are durable: so is their directory
 
@@ -85,8 +88,12 @@ class SpoolTransport:
 
     async def publish(self, report: dict[str, Any]) -> None:
         name = f"{report['jobKey'].replace('/', '_')}-{report['sequence']:04d}.json"
+        from agent.adapters.files import atomic_write  # noqa: PLC0415 (see __init__)
+
         # Durable before it returns: the daemon then deletes the journal's copy.
-        atomic_write(self.outbox_dir / name, json.dumps(report, sort_keys=True).encode())
+        # An fsync of file and directory, so in a thread, off the event loop.
+        data = json.dumps(report, sort_keys=True).encode()
+        await asyncio.to_thread(atomic_write, self.outbox_dir / name, data)
 
 
 def _mtime(path: Path) -> float:
