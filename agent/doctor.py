@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from agent.adapters.edgecore import YAML_LOADER
 from agent.config import Config
 from agent.errors import InvalidCommand
 from agent.node import Node
@@ -119,7 +120,7 @@ def read_edgehub(config: Config) -> EdgeHub:
     data: Any = {}
     problem = None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=YAML_LOADER)  # noqa: S506
         if not isinstance(data, dict):
             problem = "is not a YAML mapping"
     except FileNotFoundError:

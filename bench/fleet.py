@@ -246,6 +246,7 @@ class Run:
     broker_rss_mib: float = math.nan
     fleet_cpu_s: float = math.nan
     fleet_rss_mib: float = math.nan
+    fleet_gc_s: float = math.nan  # in the cyclic garbage collector, once the fleet is ready
     fleet_start_s: float = math.nan
     notes: list[str] = field(default_factory=list)
 
@@ -261,7 +262,7 @@ def run_one(args: argparse.Namespace, nodes: int, concurrency: int) -> Run:
     broker: BenchBroker | None = None
     sims: list[subprocess.Popen[bytes]] = []
     ctl: subprocess.Popen[bytes] | None = None
-    spy: subprocess.Popen[bytes] | None = None
+    spies: list[subprocess.Popen[bytes]] = []
     tap: Tap | None = None
     try:
         pki, identities = fleet_pki(work / "pki", gateways + 1)  # the last one: the tap
@@ -296,10 +297,11 @@ def run_one(args: argparse.Namespace, nodes: int, concurrency: int) -> Run:
                  str(job), "--quiet"], cwd=REPO, stdout=out, stderr=err,
                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
         if args.profile:  # raw collapsed stacks: one line per stack, with its sample count
-            spy = subprocess.Popen([str(REPO / ".venv/bin/py-spy"), "record", "--pid",
-                                    str(ctl.pid), "--rate", "50", "--format", "raw", "-o",
-                                    str(work / "ctl.pyspy.txt")], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+            spies = [subprocess.Popen([str(REPO / ".venv/bin/py-spy"), "record", "--pid",
+                                       str(pid), "--rate", "50", "--format", "raw", "-o",
+                                       str(work / f"{name}.pyspy.txt")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for name, pid in (("ctl", ctl.pid), ("fleet-0", sims[0].pid))]
         reaped = wait_ctl(ctl, args.timeout or max(300, 4 * r.ideal_s + nodes * 0.05))
         t1 = time.time()
         r.ctl_wall_s = t1 - t0
@@ -313,11 +315,13 @@ def run_one(args: argparse.Namespace, nodes: int, concurrency: int) -> Run:
         else:
             r.ctl_exit, usage = reaped
             r.ctl_cpu_s, r.ctl_rss_mib = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
-        if spy is not None:
-            spy.wait(60)
-            r.notes.append(f"py-spy profile of the controller: {work / 'ctl.pyspy.txt'}")
         for sim in sims:
             stop(sim)
+        for spy in spies:
+            spy.wait(60)
+        if spies:
+            r.notes.append(f"py-spy profiles of the controller and fleet 0: "
+                           f"{work}/{{ctl,fleet-0}}.pyspy.txt")
         fill(r, merge([json.loads((work / f"fleet-{k}.json").read_text())
                        for k in range(shards)]), tap.seen, t0=t0, t1=t1, work=work,
              broker=broker)
@@ -326,7 +330,7 @@ def run_one(args: argparse.Namespace, nodes: int, concurrency: int) -> Run:
     finally:
         if tap is not None:
             tap.close()
-        for p in (spy, ctl, *sims):
+        for p in (*spies, ctl, *sims):
             stop(p, signal.SIGKILL)
         if broker is not None:
             broker.stop()
@@ -352,6 +356,7 @@ def fill(r: Run, stats: dict[str, Any], tapped: dict[str, float], *, t0: float, 
         r.ratio = r.rollout_s / r.ideal_s
     r.drain_s = t1 - last if last is not None else math.nan
     r.messages = {k: stats[k] for k in ("commands", "reports", "presence")}
+    r.fleet_gc_s = stats["gc_s"]
     if stats["gateway_connections"] != r.gateways:
         r.notes.append(f"{stats['gateway_connections'] - r.gateways} gateway reconnect(s)")
     total = sum(r.messages.values())
@@ -426,13 +431,15 @@ def table(runs: list[Run]) -> str:
                   three(r.send_s), f"{r.agents_share_s:.0f}", f"{r.ctl_share_s:.0f}",
                   f"{r.ctl_only_ratio:.2f}x") for r in runs])
     load = _md(("N", "C", "max in flight", "ctl CPU %", "broker CPU %", "broker msgs/s avg/peak",
-                "broker CPU µs/msg", "fleet CPU ms/job", "fleet peak RSS MiB", "fleet start s"),
+                "broker CPU µs/msg", "fleet CPU ms/job", "fleet GC s", "fleet peak RSS MiB",
+                "fleet start s"),
                [(str(r.nodes), str(r.concurrency), str(r.max_in_flight),
                  f"{100 * r.ctl_cpu_s / r.ctl_wall_s:.0f}",
                  f"{100 * r.broker_cpu_s / r.ctl_wall_s:.0f}",
                  f"{r.broker_msgs_per_s:.0f}/{r.broker_peak_msgs_per_s}",
                  f"{r.broker_us_per_msg:.0f}", f"{1000 * r.fleet_cpu_s / r.nodes:.1f}",
-                 f"{r.fleet_rss_mib:.0f}", f"{r.fleet_start_s:.0f}") for r in runs])
+                 f"{r.fleet_gc_s:.1f}", f"{r.fleet_rss_mib:.0f}", f"{r.fleet_start_s:.0f}")
+                for r in runs])
     notes = [f"N={r.nodes} C={r.concurrency}: {note}" for r in runs for note in r.notes]
     return "\n".join([*main, "", "Where the time went (seconds: mean/p50/p99):", "", *where, "",
                       "Load (CPU % of the controller's wall time):", "", *load, "", *notes])
@@ -655,7 +662,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--rate-seconds", type=float, default=15,
                     help="connection probe: then publish at full speed for this long (0: no)")
     ap.add_argument("--profile", action="store_true",
-                    help="py-spy the controller (raw stacks in the kept work directory)")
+                    help="py-spy the controller and fleet process 0 (raw stacks, kept)")
     ap.add_argument("--dir", default="/var/tmp", help="broker data, controller store, PKI")
     ap.add_argument("--shm", default="/dev/shm", help="the nodes' state directories (tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the work directories")

@@ -432,6 +432,8 @@ def test_status_document(store: Store) -> None:
     store.skip_pending("job-a", "tolerance", 3.0)
     store.set_job_phase("job-a", JobPhase.FAILURE, "1 of 4", 3.0)
     out = status_document(store.view("job-a"), API2)
+    # The final status reads only each node's newest report with a flow: the same.
+    assert status_document(store.view("job-a", events="last"), API2) == out
     assert (out["apiVersion"], out["kind"], out["metadata"]) == (API2, "NodeUpgradeJob",
                                                                  {"name": "job-a"})
     assert (out["status"]["phase"], out["status"]["reason"]) == ("Failure", "1 of 4")

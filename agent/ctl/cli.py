@@ -207,7 +207,7 @@ async def _watch_store(store: Store, spec: JobSpec, quiet: bool, tick: float) ->
         if view.phase.final:
             break
         await asyncio.sleep(tick)
-    view = store.view(spec.name, spec_fields=_fields(spec))
+    view = store.view(spec.name, events="last", spec_fields=_fields(spec))
     print(dump_status(view, spec.api_version), end="")
     return 0 if view.phase is JobPhase.COMPLETED else 1
 
@@ -274,7 +274,7 @@ def _get_jobs(store: Store, what: str, name: str | None, output: str) -> int:
         if not name:
             raise ManifestError("get job needs a job name")
         spec = _stored_spec(store, name)
-        view = store.view(name, spec_fields=_fields(spec))
+        view = store.view(name, events="last", spec_fields=_fields(spec))
         if output == "table":
             print(summary(view))
             for line in table(view, at=now(), width=10_000, max_rows=len(view.nodes))[1:]:

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -152,7 +152,7 @@ class Rollout:
     def poke(self) -> None:
         self.changed.set()
 
-    def view(self, *, events: bool = False) -> JobView:
+    def view(self, *, events: bool | Literal["last"] = False) -> JobView:
         s = self.spec
         return self.store.view(s.name, events=events, spec_fields={
             "version": s.version, "image": s.image or "(agent default)",
@@ -174,7 +174,7 @@ class Rollout:
                 drawn = loop_now
             if phase.final:
                 self.store.set_job_phase(self.spec.name, phase, self._reason(counts), now())
-                view = self.view(events=True)
+                view = self.view(events="last")  # for the final status
                 if on_view is not None:
                     on_view(view)
                 return view

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agent.ctl.model import Action, JobPhase, JobView, NodePhase, NodeView, ReportEvent
 from agent.errors import JournalError, ManifestError
@@ -224,14 +225,25 @@ class Store:
 
     # -- views -----------------------------------------------------------------
 
-    def view(self, name: str, *, events: bool = True,
+    def view(self, name: str, *, events: bool | Literal["last"] = True,
              spec_fields: dict[str, Any] | None = None) -> JobView:
-        """The job as it stands; ``events=False`` leaves out the reports (the hot loop)."""
+        """The job as it stands; ``events=False`` leaves out the reports (the hot loop),
+        ``"last"`` keeps each node's newest report with an actionFlow: all the final
+        status needs, and one JSON parse a node instead of one a report (13 a node)."""
         job = self.job_row(name)
         found: dict[str, list[ReportEvent]] = {}
-        rows = self.db.execute("SELECT node, body, received_at FROM reports WHERE job=? "
-                               "ORDER BY node, received_at, sequence", (name,)) if events else ()
+        rows: Iterable[sqlite3.Row] = ()
+        if events == "last":
+            rows = self.db.execute(
+                "SELECT node, body, received_at FROM reports WHERE job=? AND "
+                "json_extract(body, '$.actionFlow[0]') IS NOT NULL "
+                "ORDER BY node, received_at DESC, sequence DESC", (name,))
+        elif events:
+            rows = self.db.execute("SELECT node, body, received_at FROM reports WHERE job=? "
+                                   "ORDER BY node, received_at, sequence", (name,))
         for r in rows:
+            if events == "last" and r["node"] in found:
+                continue
             found.setdefault(r["node"], []).append(_event(r["node"], json.loads(r["body"]),
                                                            r["received_at"]))
         nodes = tuple(
