@@ -33,7 +33,9 @@ drain; ``ctl-only ratio`` = (ideal + the controller's share) / ideal: the
 ratio had every agent taken exactly the install time. CPU and peak RSS: the
 controller's from ``wait4`` (whole life); the broker's and the fleet's CPU
 over the controller's life from ``/proc/<pid>/stat`` (the fleet's with its
-installers), peak RSS from VmHWM. Messages per node, counted at the fleet:
+installers), peak RSS from VmHWM; the fleet's time in the cyclic garbage
+collector from the time it is ready (``gc.callbacks``; it freezes its start-up
+heap, see testkit/fleet_sim.py). Messages per node, counted at the fleet:
 (commands + reports + presence, the start-up presence included) / N; the
 broker's rate counts each message in and out to the controller or the fleet
 (the tap's copies of the commands not included).

@@ -233,19 +233,21 @@ class Store:
         job = self.job_row(name)
         found: dict[str, list[ReportEvent]] = {}
         rows: Iterable[sqlite3.Row] = ()
-        if events == "last":
-            rows = self.db.execute(
-                "SELECT node, body, received_at FROM reports WHERE job=? AND "
-                "json_extract(body, '$.actionFlow[0]') IS NOT NULL "
-                "ORDER BY node, received_at DESC, sequence DESC", (name,))
-        elif events:
+        if events:
+            order = "DESC" if events == "last" else ""
             rows = self.db.execute("SELECT node, body, received_at FROM reports WHERE job=? "
-                                   "ORDER BY node, received_at, sequence", (name,))
+                                   f"ORDER BY node, received_at {order}, sequence {order}",
+                                   (name,))
+        done: set[str] = set()
         for r in rows:
-            if events == "last" and r["node"] in found:
-                continue
-            found.setdefault(r["node"], []).append(_event(r["node"], json.loads(r["body"]),
-                                                           r["received_at"]))
+            if r["node"] in done:
+                continue  # "last": this node's newest report with a flow is in
+            event = _event(r["node"], json.loads(r["body"]), r["received_at"])
+            if events == "last":
+                if not event.action_flow:
+                    continue
+                done.add(r["node"])
+            found.setdefault(r["node"], []).append(event)
         nodes = tuple(
             NodeView(name=r["node"], phase=NodePhase(r["phase"]),
                      from_version=r["from_version"], to_version=r["to_version"],
