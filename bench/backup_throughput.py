@@ -1,4 +1,4 @@
-"""Benchmark: ``make_backup`` against ``cp`` + ``sync -f`` of the same three files.
+"""Benchmark: backup, rollback restore and verification against ``cp`` and ``sha256sum``.
 
 Run from the repository root::
 
@@ -15,10 +15,18 @@ of each come first, and every timed run starts after ``sync -f`` with no
 earlier output left on disk. The database is in a rollback journal, as
 edgecore's is (``--journal-mode wal`` for the other path).
 
+Then the rollback's two file steps, on one backup made by ``make_backup``:
+``restore_backup`` (what edgecore waits for while it is stopped: the files put
+back, each re-hashed, temp + fsync + rename) against ``cp`` of the backup's
+files over the originals + ``sync -f``, and ``verify_backup`` (the checksums,
+checked before edgecore is stopped) against ``sha256sum`` of the same files.
+Before each restore the node is "upgraded": the binary is rewritten with other
+random bytes, 1 MiB longer (untimed).
+
 Prints the median time of each, the throughput, the CPU time (user + system,
 all threads and child processes: SHA-256 is CPU work that ``cp`` does not do,
 so the ratio depends on whether a second core is free) and the ratio
-ours / (``cp`` + ``sync -f``). ``--breakdown`` also times each part on its own:
+ours / baseline for each of the three. ``--breakdown`` also times each part on its own:
 SHA-256 alone (the floor of any hashing copy of one file), ``copy_hashed``, the
 alternative it was measured against (read/write in one thread, hash in
 another), the locked database copy against the backup API it replaced, and
@@ -58,7 +66,7 @@ from agent.adapters.files import (  # noqa: E402
     sqlite_backup,
     sqlite_copy,
 )
-from agent.steps.backup import make_backup  # noqa: E402
+from agent.steps.backup import load_manifest, make_backup, restore_backup, verify_backup  # noqa: E402
 
 MIB = 1024 * 1024
 VERSION = "v1.12.1"
@@ -255,6 +263,46 @@ def run_cp_one(src: Path, dst: Path) -> None:
     sync_fs(dst)
 
 
+def run_cp_back(directory: Path) -> None:
+    """The baseline of a restore: each backed-up file copied over its original."""
+    for e in load_manifest(directory).entries:
+        subprocess.run(["cp", str(directory / e.name), e.origin], check=True)
+    sync_fs(directory)
+
+
+def run_restore(directory: Path) -> None:
+    restore_backup(directory, load_manifest(directory))
+
+
+def run_sha256sum(directory: Path) -> None:
+    names = [str(directory / e.name) for e in load_manifest(directory).entries]
+    subprocess.run(["sha256sum", *names], check=True, stdout=subprocess.DEVNULL)
+
+
+def rollback_rounds(files: EdgecoreFiles, work: Path, size: int, rounds: int
+                    ) -> tuple[Series, Series, Series, Series]:
+    """restore_backup against cp, and verify_backup against sha256sum, alternated."""
+    make_backup(work / "backups", VERSION, files)
+    directory = work / "backups" / VERSION
+    cp_s, ours_s = Series("cp back + sync"), Series("restore_backup")
+    sum_s, verify_s = Series("sha256sum"), Series("verify_backup")
+    for r in range(rounds):
+        pairs: list[list[tuple[Series, Callable[[Path], object]]]] = [
+            [(cp_s, run_cp_back), (ours_s, run_restore)],
+            [(sum_s, run_sha256sum), (verify_s, verify_backup)]]
+        for pair in pairs:
+            for series, fn in (pair[::-1] if r % 2 else pair):
+                if series in (cp_s, ours_s):
+                    write_random(files.binary, size + MIB)  # the upgraded node's binary
+                sync_fs(work)
+                cpu = cpu_seconds()
+                secs = timed(partial(fn, directory))
+                series.cpu.append(cpu_seconds() - cpu)
+                series.seconds.append(secs)
+                log(f"round {r + 1}/{rounds}: {series.name:15} {secs:7.3f} s")
+    return cp_s, ours_s, sum_s, verify_s
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mib", type=int, default=256,
@@ -309,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {r + 1}/{args.rounds}: {series.name:14} {secs:7.3f} s")
                 shutil.rmtree(dst)
         sync_fs(work)
+        back_cp, back_ours, sum_s, verify_s = rollback_rounds(files, work, size, args.rounds)
+        sync_fs(work)
         parts = breakdown(files, work, args.rounds) if args.breakdown else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -323,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_cp_sync": cp_s.to_dict(total),
         "make_backup": ours_s.to_dict(total),
         "ratio_backup_over_cp": round(ratio, 3),
+        "baseline_cp_back_sync": back_cp.to_dict(total),
+        "restore_backup": back_ours.to_dict(total),
+        "ratio_restore_over_cp": round(back_ours.median / back_cp.median, 3),
+        "baseline_sha256sum": sum_s.to_dict(total),
+        "verify_backup": verify_s.to_dict(total),
+        "ratio_verify_over_sha256sum": round(verify_s.median / sum_s.median, 3),
     }
     if parts:
         result["breakdown_s"] = {k: round(v, 4) for k, v in parts.items()}
@@ -332,13 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"files: {total / MIB:.1f} MiB (binary + yaml + {args.journal_mode} db), "
           f"rounds: {args.rounds}")
     print(f"{'':16}{'median s':>10}{'MiB/s':>10}{'CPU s':>8}   all runs (s)")
-    for s in (cp_s, ours_s):
+    for s in (cp_s, ours_s, back_cp, back_ours, sum_s, verify_s):
         runs = " ".join(f"{x:.3f}" for x in s.seconds)
         print(f"{s.name:16}{s.median:10.3f}{s.mib_per_s(total):10.1f}"
               f"{statistics.median(s.cpu):8.3f}   {runs}")
     for name, secs in parts.items():
         print(f"  part: {name:42} {secs:7.3f} s (median)")
     print(f"ratio backup / (cp + sync -f): {ratio:.2f}x (median of {args.rounds})")
+    print(f"ratio restore / (cp back + sync -f), edgecore's downtime for files: "
+          f"{back_ours.median / back_cp.median:.2f}x")
+    print(f"ratio verify_backup / sha256sum: {verify_s.median / sum_s.median:.2f}x")
     return 0
 
 

@@ -681,6 +681,27 @@ def test_restore_backup_is_byte_identical(node: EdgecoreFiles, backup_root: Path
     verify_backup(final)  # the backup itself is untouched
 
 
+def test_restore_hashes_in_place_only_what_may_be_equal(node: EdgecoreFiles,
+                                                         backup_root: Path) -> None:
+    """A file of the backup's size is hashed, and left alone only if equal; one of
+    another size is put back unread; the database is always put back."""
+    make_backup(backup_root, OLD, node)
+    final = backup_root / OLD
+    binary = node.binary.read_bytes()
+    node.binary.write_bytes(bytes(b ^ 0xFF for b in binary))  # same size, other bytes
+    db_inode = node.db.stat().st_ino
+    node.config.write_text(node.config.read_text() + "# edited\n")  # another size
+
+    restore_backup(final, verify_backup(final))
+
+    assert node.binary.read_bytes() == binary
+    assert node.config.read_bytes() == (final / "edgecore.yaml").read_bytes()
+    assert node.db.stat().st_ino != db_inode  # replaced, though it was equal
+    config_inode = node.config.stat().st_ino
+    restore_backup(final, verify_backup(final))  # all equal now: nothing but the db
+    assert node.config.stat().st_ino == config_inode
+
+
 def test_restore_removes_stale_wal_and_shm(node: EdgecoreFiles, backup_root: Path) -> None:
     make_backup(backup_root, OLD, node)
     wal, shm, journal = (Path(f"{node.db}{s}") for s in ("-wal", "-shm", "-journal"))

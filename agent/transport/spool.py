@@ -91,9 +91,7 @@ class SpoolTransport:
         from agent.adapters.files import atomic_write  # noqa: PLC0415 (see __init__)
 
         # Durable before it returns: the daemon then deletes the journal's copy.
-        # An fsync of file and directory, so in a thread, off the event loop.
-        data = json.dumps(report, sort_keys=True).encode()
-        await asyncio.to_thread(atomic_write, self.outbox_dir / name, data)
+        atomic_write(self.outbox_dir / name, json.dumps(report, sort_keys=True).encode())
 
 
 def _mtime(path: Path) -> float:
