@@ -14,7 +14,7 @@ numbers, booleans, None) and chooses each string's style conservatively:
 - anything else (line breaks, controls, non-ASCII) in PyYAML's own double-quoted
   style, which escapes what YAML cannot carry raw.
 
-``yaml.safe_load`` of the text gives back the document: tests/test_ctl_units.py
+``yaml.safe_load`` of the text gives back the document: tests/test_ctl_yaml_out.py
 checks that against arbitrary text.
 """
 
