@@ -28,6 +28,12 @@ def test_tricky_scalars_read_back_as_themselves() -> None:
     assert round_trip(doc) == doc
 
 
+def test_floats_read_back_as_floats() -> None:
+    values = [0.5, -2.0, 1e16, 1e-7, float("inf"), float("-inf")]
+    assert round_trip({"v": values}) == {"v": values}
+    assert str(round_trip({"v": float("nan")})["v"]) == "nan"
+
+
 def test_the_shape_is_pyyamls_block_style() -> None:
     doc = {"kind": "NodeUpgradeJob", "status": {"phase": "Completed", "nodeStatus": [
         {"nodeName": "n1", "actionFlow": [{"action": "Check", "status": "True"}],
@@ -36,8 +42,8 @@ def test_the_shape_is_pyyamls_block_style() -> None:
         .replace("'True'", '"True"')
 
 
-scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=30) | \
-    st.sampled_from(TRICKY)
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | \
+    st.text(max_size=30) | st.sampled_from(TRICKY)
 documents = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
     st.text(min_size=1, max_size=12) | st.sampled_from(TRICKY[1:]), inner, max_size=4),
     max_leaves=25)

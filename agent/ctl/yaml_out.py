@@ -81,8 +81,12 @@ def _inline(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return json.dumps(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        # YAML's own spelling: json.dumps writes NaN, Infinity and 1e+16, which a
+        # YAML 1.1 loader reads back as strings.
+        return str(yaml.dump(value, Dumper=_DUMPER)).split("\n", 1)[0]
     if isinstance(value, dict):
         return "{}"
     if isinstance(value, list):
